@@ -1,0 +1,115 @@
+"""Neural cellular automaton: update networks and the growth loop as pure functions.
+
+Dimension letters: B batch, H/W grid, C cell channels (= Z, the latent size), T steps.
+
+One NCA step is s <- s + m * f(s), where f is the update network (its last 1x1 conv is
+zero-initialised, so a fresh network leaves the state unchanged) and m is a per-cell Bernoulli(p)
+mask shared across channels and redrawn every step (p = 1: every cell updates). There is no
+Sobel perception, alive mask or clipping: the update network sees the 3x3 neighbourhood through
+its first conv (zero padding at the border).
+
+The growth loop is a fixed-length `lax.scan` with `jax.checkpoint` on the step (trap T8). The
+non-doubling model draws a step count T per batch; the scan always runs `max_steps` slots and an
+active mask makes slots t >= T leave the state unchanged, so T is a traced value and one compiled
+program serves every T.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vnca.models.layers import conv
+
+UpdateFn = Callable[[jax.Array], jax.Array]
+
+
+class ResidualUpdate(nn.Module):
+    """Doubling VNCA update: Conv3x3 C->h, 4 x Residual[Conv1x1, ELU, Conv1x1], Conv1x1 h->C."""
+
+    channels: int
+    hidden: int
+    n_blocks: int = 4
+
+    @nn.compact
+    def __call__(self, s_BxHxWxC: jax.Array) -> jax.Array:
+        h = conv(self.hidden, 3, 9 * self.channels, padding=1)(s_BxHxWxC)
+        for _ in range(self.n_blocks):
+            r = nn.elu(conv(self.hidden, 1, self.hidden)(h))
+            h = h + conv(self.hidden, 1, self.hidden)(r)
+        return conv(self.channels, 1, self.hidden, zero_init=True)(h)
+
+
+class SimpleUpdate(nn.Module):
+    """Non-doubling VNCA update: Conv3x3 C->h, ELU, Conv1x1 h->C (zero-init, bias optional)."""
+
+    channels: int
+    hidden: int
+    last_bias: bool = False
+
+    @nn.compact
+    def __call__(self, s_BxHxWxC: jax.Array) -> jax.Array:
+        h = nn.elu(conv(self.hidden, 3, 9 * self.channels, padding=1)(s_BxHxWxC))
+        return conv(self.channels, 1, self.hidden, zero_init=True, use_bias=self.last_bias)(h)
+
+
+def double(s_BxHxWxC: jax.Array) -> jax.Array:
+    """Every cell becomes a 2x2 block of copies (nearest-neighbour upsampling)."""
+    return jnp.repeat(jnp.repeat(s_BxHxWxC, 2, axis=1), 2, axis=2)
+
+
+def nca_step(update: UpdateFn, s_BxHxWxC: jax.Array, key: jax.Array | None,
+             update_prob: float) -> jax.Array:
+    """One step s + m * f(s); with update_prob == 1 (static) no mask is drawn."""
+    ds = update(s_BxHxWxC)
+    if update_prob < 1.0:
+        b, h, w, _ = s_BxHxWxC.shape
+        m = jax.random.bernoulli(key, update_prob, (b, h, w, 1)).astype(ds.dtype)
+        ds = ds * m
+    return s_BxHxWxC + ds
+
+
+def grow(update: UpdateFn, s_BxHxWxC: jax.Array, key: jax.Array, n_steps: jax.Array | int,
+         max_steps: int, update_prob: float, remat: bool = True, record: bool = False):
+    """Run `n_steps` (<= max_steps, may be traced) NCA steps in a fixed-length scan.
+
+    Returns the final state, and with `record` also every state after each slot, `TxBxHxWxC`
+    (slots past n_steps repeat the final state).
+    """
+
+    def step(s, xs):
+        t, k = xs
+        s_next = nca_step(update, s, k, update_prob)
+        s_next = jnp.where(t < n_steps, s_next, s)
+        return s_next, (s_next if record else None)
+
+    if remat:
+        step = jax.checkpoint(step)
+    keys = jax.random.split(key, max_steps)
+    s_final, stages = jax.lax.scan(step, s_BxHxWxC, (jnp.arange(max_steps), keys))
+    return (s_final, stages) if record else s_final
+
+
+def damage_square(s_BxHxWxC: jax.Array, key: jax.Array, size: int,
+                  rows_B: jax.Array | None = None) -> jax.Array:
+    """Set a size x size square of cells (all channels) to zero, at a uniformly drawn position
+    per row; only rows where `rows_B` is true are damaged (all rows if None)."""
+    b, h, w, _ = s_BxHxWxC.shape
+    ky, kx = jax.random.split(key)
+    top_B = jax.random.randint(ky, (b,), 0, h - size + 1)
+    left_B = jax.random.randint(kx, (b,), 0, w - size + 1)
+    ys, xs = jnp.arange(h), jnp.arange(w)
+    in_y = (ys[None, :] >= top_B[:, None]) & (ys[None, :] < top_B[:, None] + size)
+    in_x = (xs[None, :] >= left_B[:, None]) & (xs[None, :] < left_B[:, None] + size)
+    hole_BxHxW = in_y[:, :, None] & in_x[:, None, :]
+    if rows_B is not None:
+        hole_BxHxW = hole_BxHxW & rows_B[:, None, None]
+    return jnp.where(hole_BxHxW[..., None], 0.0, s_BxHxWxC)
+
+
+def sample_n_steps(key: jax.Array, min_steps: int, max_steps: int, inclusive: bool) -> jax.Array:
+    """T ~ uniform integer in [min, max] (inclusive, O's randint) or [min, max) (R, trap T6)."""
+    return jax.random.randint(key, (), min_steps, max_steps + (1 if inclusive else 0))
