@@ -39,9 +39,10 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vnca import config
+
+    cfg = config.load(args.config, args.overrides)  # fail fast, before importing JAX
     from vnca.train import train_and_evaluate
 
-    cfg = config.load(args.config, args.overrides)
     summary = train_and_evaluate(cfg, data_dir=args.data, out_dir=args.out, steps=args.steps)
     print(f"trained {summary['variant']} for {summary['steps']} steps; model in {args.out}")
     return 0
@@ -84,7 +85,7 @@ def cmd_run_local(args: argparse.Namespace) -> int:
 
     report = run_local(
         configs=args.config, root=args.root, runner=args.runner, smoke=not args.full,
-        data_source=args.data_source, raw_dir=args.raw_dir,
+        data_source=args.data_source, raw_dir=args.raw_dir, image=args.image,
     )
     print(f"pipeline finished; report: {report}")
     return 0
@@ -96,7 +97,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     submit(
         project=args.project, region=args.region, pipeline_root=args.pipeline_root,
         service_account=args.service_account, target=args.target, image=args.image,
-        configs=args.config, dry_run=args.dry_run,
+        configs=args.config, dry_run=args.dry_run, smoke=args.smoke,
     )
     return 0
 
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not layer configs/smoke.yaml on the variant configs")
     p.add_argument("--data-source", choices=["bundled", "raw", "tfds"], default="bundled")
     p.add_argument("--raw-dir", help="with --data-source raw: directory of the raw files")
+    p.add_argument("--image", help="with --runner docker: image for every step "
+                   "(default: the CPU image named in components/images.py)")
     p.set_defaults(func=cmd_run_local)
 
     p = sub.add_parser("submit", help="compile and submit the pipeline to Vertex AI")
@@ -168,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["vertex-tpu", "vertex-gpu"], default="vertex-tpu")
     p.add_argument("--image", help="container image for every step")
     p.add_argument("--config", action="append", default=[], metavar="YAML")
+    p.add_argument("--smoke", action="store_true",
+                   help="layer configs/smoke.yaml on the configs and use the bundled data sample "
+                   "(a cheap end-to-end check of the Vertex AI setup)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the job's parameters and machine specs; contact nothing")
     p.set_defaults(func=cmd_submit)
