@@ -1,0 +1,517 @@
+"""The report step: tables, figures, smoke banner and errors, from small inputs made here."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimage
+
+from vnca import artifacts, config, reference
+from vnca import report as rpt
+from vnca.errors import DataError, UserError
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LN2 = math.log(2.0)
+
+# Known inputs: variant -> (mean nats, stderr, K, n images, steps, wall time s, hardware, devices)
+RUNS = {
+    "doubling": (-85.0, 0.25, 128, 10000, 100000, 3725.0, "TPU v5e-8", 8),
+    "nondoubling": (-91.5, 0.30, 128, 10000, 80000, 1234.0, "NVIDIA A100", 1),
+    "baseline": (-84.0, 0.20, 128, 10000, 50000, 42.5, "cpu", 1),
+}
+ALL_FIGURES = set(artifacts.EVAL_FIGURES)
+FIGURES = {
+    "doubling": ALL_FIGURES,
+    "nondoubling": ALL_FIGURES - {"interpolations.png"},  # damage_curve.png is written empty
+    "baseline": {"samples.png", "samples_binary.png", "reconstructions.png", "tsne.png",
+                 "interpolations.png"},
+}
+DAMAGE = {"before": -90.0, "after_damage": -150.0, "after_recovery": -100.0, "n_images": 16,
+          "damage_at": 4}
+HIST_COUNTS = [5, 20, 40, 10, 2]
+HIST_EDGES = [0.0, 50.0, 100.0, 200.0, 400.0, 800.0]
+
+
+def _png(path: Path, seed: int, shape=(12, 20)) -> None:
+    img = np.random.default_rng(seed).random(shape)
+    mpimage.imsave(path, img, cmap="gray")
+
+
+def _write_train(d: Path, variant: str, smoke: bool) -> None:
+    d.mkdir(parents=True)
+    paths = [REPO / "configs" / f"{variant}.yaml"]
+    paths += [REPO / "configs" / "smoke.yaml"] if smoke else []
+    (d / artifacts.RESOLVED_CONFIG).write_text(config.dump(config.load(paths)))
+    _, _, _, _, steps, wall, hw, ndev = RUNS[variant]
+    summary = {"variant": variant, "name": variant, "steps": steps, "wall_time_s": wall,
+               "hardware": hw, "n_devices": ndev, "smoke": smoke, "param_count": 1234567,
+               "extra_key": [1, 2]}
+    (d / artifacts.TRAIN_SUMMARY).write_text(json.dumps(summary))
+    lines = []
+    for step in (0, 10, 100, 1000):
+        lines.append(json.dumps({"step": step, "loss": 200.0 / (1 + step), "kl": 10.0 + step / 1e3,
+                                 "recon": -190.0 / (1 + step), "images_per_s": 500.0,
+                                 "elapsed_s": step / 10, "lr": 1e-4}))
+        if step == 1000 and variant != "baseline":  # baseline: no validation records
+            lines.append(json.dumps({"step": step, "split": "valid", "val_elbo": -95.0}))
+    (d / artifacts.TRAIN_METRICS).write_text("\n".join(lines) + "\n")
+
+
+def _write_eval(d: Path, variant: str, smoke: bool) -> None:
+    d.mkdir(parents=True)
+    mean, se, k, n, *_ = RUNS[variant]
+    iw = {"k": k, "n_images": n, "mean_nats": mean, "stderr_nats": se}
+    if variant != "baseline":  # the baseline's bits/dim is left for the report to compute
+        iw["bits_per_dim"] = -mean / (LN2 * 784)
+    metrics = {"variant": variant, "name": variant, "smoke": smoke, "iwelbo": iw}
+    if variant != "baseline":
+        metrics["damage"] = DAMAGE
+        metrics["probe"] = {"accuracy": 0.9123, "n_train_images": 1500, "n_test_images": 500}
+    metrics["tsne"] = {"n_images": 64}
+    (d / artifacts.EVAL_METRICS).write_text(json.dumps(metrics))
+    for i, fname in enumerate(sorted(FIGURES[variant])):
+        _png(d / fname, seed=i)
+    if variant == "nondoubling":
+        (d / "damage_curve.png").write_bytes(b"")
+    if variant != "baseline":
+        rng = np.random.default_rng(0)
+        np.savez(d / artifacts.EVAL_ARRAYS, tsne_xy=rng.normal(size=(64, 2)),
+                 tsne_labels=rng.integers(0, 10, 64),
+                 damage_curve_steps=np.arange(9), damage_curve_ll=-100 - rng.random(9))
+
+
+def _distribution(scale: float) -> dict:
+    """A percentile summary as the data step writes one (vnca.data.matching.distribution)."""
+    return {"n": 10000, "min": 0.05 * scale, "mean": 130.0 * scale, "p0.1": 0.8 * scale,
+            "p1": 4.99 * scale, "p5": 15.65 * scale, "p25": 88.1 * scale, "p50": 140.5 * scale,
+            "p75": 203.7 * scale, "p95": 321.0 * scale, "max": 632.0 * scale,
+            "count_below_1": 14, "count_below_10": 286, "count_below_50": 1243}
+
+
+LABELS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def _write_data(d: Path) -> None:
+    d.mkdir(parents=True)
+    # test and valid: the shape vnca.data.matching.summarize writes; train: another shape, with
+    # a histogram (counts and edges), as a report from elsewhere might hold.
+    summarized = {"n": 10000,
+                  "collisions_before_assignment": {"distinct": 9992, "references": 8, "rows": 16},
+                  "collisions_after_assignment": {"distinct": 10000, "references": 0, "rows": 0},
+                  "rows_changed_by_assignment": 8, "labels_changed_by_assignment": 0,
+                  "assigned_rank_histogram": [9992, 8],
+                  "margin_top1_top2_nats": _distribution(1.0),
+                  "label_margin_nats": _distribution(1.6),
+                  "impossible_pixels": {"total": 0, "pairs_with_any": 0},
+                  "label_histogram": LABELS}
+    train = {"collisions_before": 313, "impossible_pixels": 0,
+             "margin_top1_top2_nats": {"percentiles": {"p1": 1.71, "p50": 108.1, "p95": 257.9},
+                                       "histogram": {"counts": HIST_COUNTS,
+                                                     "edges": HIST_EDGES}}}
+    report = {"source": "bundled", "summary": "3 splits matched", "train": train,
+              "valid": dict(summarized, rows_changed_by_assignment=313), "test": summarized}
+    (d / artifacts.MATCH_REPORT).write_text(json.dumps(report))
+    _png(d / artifacts.MATCHED_PAIRS_PNG, seed=99)
+
+
+def make_inputs(root: Path, smoke: bool = True) -> dict:
+    """Evaluation, training and dataset directories for the three variants under `root`."""
+    dirs = {"evals": [], "trains": [], "data": root / "data", "out": root / "report"}
+    for i, variant in enumerate(RUNS):  # directory names deliberately say nothing
+        _write_eval(root / f"e{i}", variant, smoke)
+        _write_train(root / f"t{(i + 1) % 3}", variant, smoke)
+        dirs["evals"].append(root / f"e{i}")
+    dirs["trains"] = [root / f"t{i}" for i in range(3)]
+    _write_data(dirs["data"])
+    return dirs
+
+
+def build(dirs: dict) -> Path:
+    return rpt.build_report(dirs["evals"], dirs["trains"], dirs["data"], dirs["out"])
+
+
+class ReportParser(HTMLParser):
+    """Tables by id (rows of cell texts), figure rows by id (caption, img src, missing text)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables: dict = {}
+        self.rows: dict = {}
+        self.banner = None
+        self._table = self._cells = self._cell = None
+        self._row_id = None
+        self._fig = None
+        self._text_target = None
+        self._div_depth = 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self._table = a.get("id")
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table is not None:
+            self._cells = []
+        elif tag in ("td", "th") and self._cells is not None:
+            self._cell = []
+        elif tag == "div":
+            self._div_depth += 1
+            if "row" in (a.get("class") or "").split():
+                self._row_id = a.get("id")
+                self.rows[self._row_id] = []
+            elif a.get("class") == "missing" and self._fig is not None:
+                self._text_target = "missing"
+            elif a.get("id") == "smoke-banner":
+                self.banner = []
+                self._text_target = "banner"
+        elif tag == "figure":
+            self._fig = {"caption": "", "src": None, "missing": ""}
+        elif tag == "img" and self._fig is not None:
+            self._fig["src"] = a.get("src")
+        elif tag == "figcaption":
+            self._text_target = "caption"
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._cells.append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tr" and self._cells is not None:
+            self.tables[self._table].append(self._cells)
+            self._cells = None
+        elif tag == "table":
+            self._table = None
+        elif tag == "figure":
+            self.rows[self._row_id].append(self._fig)
+            self._fig = None
+        elif tag in ("figcaption", "div"):
+            self._text_target = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+        elif self._text_target == "banner":
+            self.banner.append(data)
+        elif self._text_target and self._fig is not None:
+            self._fig[self._text_target] += data
+
+
+def parse(path: Path) -> ReportParser:
+    p = ReportParser()
+    p.feed(path.read_text())
+    return p
+
+
+def table_dicts(rows: list) -> list:
+    header, *body = rows
+    return [dict(zip(header, r)) for r in body]
+
+
+def png_size(data: bytes) -> tuple:
+    """(width, height) from a PNG's IHDR chunk."""
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def decode_data_uri(src: str) -> bytes:
+    prefix = "data:image/png;base64,"
+    assert src.startswith(prefix), src[:40]
+    return base64.b64decode(src[len(prefix):], validate=True)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple:
+    root = tmp_path_factory.mktemp("report")
+    dirs = make_inputs(root)
+    return dirs, build(dirs)
+
+
+def test_results_table_numbers(built):
+    dirs, html_path = built
+    assert html_path == dirs["out"] / artifacts.REPORT_HTML
+    rows = table_dicts(parse(html_path).tables["results"])
+    assert [r["variant"] for r in rows] == ["baseline", "doubling", "nondoubling"]
+    for r in rows:
+        v = r["variant"]
+        mean, se, k, n, steps, wall, hw, ndev = RUNS[v]
+        assert r["ours (nats, mean ± se)"] == f"{mean:.2f} ± {se:.2f}"
+        assert float(r["bits/dim"]) == pytest.approx(-mean / (LN2 * 784), abs=1e-4)
+        paper, repro = reference.PAPER_NATS[v], reference.REPRODUCTION_NATS[v]
+        for col, ref in (("paper", paper), ("reproduction", repro)):
+            if ref is None:
+                assert r[f"{col} (nats)"] == "—" and r[f"diff vs {col} %"] == "—"
+            else:
+                assert float(r[f"{col} (nats)"]) == pytest.approx(ref)
+                expected = (mean - ref) / -ref * 100  # refs are negative log-likelihoods
+                assert float(r[f"diff vs {col} %"]) == pytest.approx(expected, abs=0.005)
+        assert int(r["steps"].replace(",", "")) == steps
+        assert int(r["K"]) == k and int(r["n images"].replace(",", "")) == n
+        assert r["hardware"].startswith(hw) and f"({ndev} device" in r["hardware"]
+        assert r["run"] == "SMOKE"
+    wall = {r["variant"]: r["wall time"] for r in rows}
+    assert wall == {"doubling": "1 h 02 min", "nondoubling": "20 min 34 s",
+                    "baseline": "42.5 s"}
+    # doubling: -85.0 vs paper -84.23 -> 0.77 nats lower -> -0.914 %
+    assert table_dicts(parse(html_path).tables["results"])[1]["diff vs paper %"] == "-0.91"
+
+
+def test_results_frame_raw_numbers():
+    ev = rpt.EvalRun(Path("e"), "doubling", "doubling", False,
+                     {"iwelbo": {"mean_nats": -84.0, "stderr_nats": 0.1, "k": 128}}, {}, {}, {})
+    df = rpt.results_frame([("doubling", ev, None)])
+    r = df.iloc[0]
+    assert r["diff_paper_pct"] == pytest.approx(100 * (-84.0 + 84.23) / 84.23)
+    assert r["diff_reproduction_pct"] == pytest.approx(100 * (-84.0 + 84.15) / 84.15)
+    assert r["bits_per_dim"] == pytest.approx(84.0 / (LN2 * 784))
+    assert r["steps"] is None and r["hardware"] is None
+
+
+def test_every_expected_figure_is_embedded(built):
+    dirs, html_path = built
+    doc = parse(html_path)
+    labels = list(RUNS)
+    for fname in artifacts.EVAL_FIGURES:
+        figs = {f["caption"]: f for f in doc.rows[f"fig-{fname.removesuffix('.png')}-runs"]}
+        assert set(figs) == set(labels), fname
+        for variant in labels:
+            f = figs[variant]
+            produced = fname in FIGURES[variant] and not (
+                variant == "nondoubling" and fname == "damage_curve.png")
+            if produced:
+                data = decode_data_uri(f["src"])
+                assert data == (dirs["evals"][labels.index(variant)] / fname).read_bytes()
+                assert png_size(data) == (20, 12)
+            else:
+                assert f["src"] is None and f["missing"].startswith("not produced"), (fname,
+                                                                                   variant)
+    assert "empty file" in {f["caption"]: f for f in doc.rows["fig-damage_curve-runs"]}[
+        "nondoubling"]["missing"]
+    assert "baseline" in {f["caption"]: f for f in doc.rows["fig-growth-runs"]}[
+        "baseline"]["missing"]
+    # Figures made by the report itself: non-empty PNGs of a plausible size.
+    (margins,), (pairs,) = doc.rows["match-distributions"], doc.rows["match-pairs"]
+    for f in doc.rows["training-curves-fig"] + doc.rows["tsne-panels"] + doc.rows[
+            "recovery-curves"] + [margins]:
+        w, h = png_size(decode_data_uri(f["src"]))
+        assert w > 200 and h > 150, (f["caption"], w, h)
+    assert decode_data_uri(pairs["src"]) == (
+        dirs["data"] / artifacts.MATCHED_PAIRS_PNG).read_bytes()
+    # t-SNE re-plot: one panel per run with arrays (doubling, nondoubling), side by side.
+    w, h = png_size(decode_data_uri(doc.rows["tsne-panels"][0]["src"]))
+    assert w > 1.8 * h
+    # The training curves have one panel per metric plus validation: wider than tall x 3.
+    w, h = png_size(decode_data_uri(doc.rows["training-curves-fig"][0]["src"]))
+    assert w > 3 * h
+    # Every <img> in the page is a PNG data URI (self-contained: no file or http sources).
+    n_imgs = sum(f["src"] is not None for row in doc.rows.values() for f in row)
+    html = html_path.read_text()
+    assert html.count("<img ") == n_imgs
+    assert "http://" not in html and "https://" not in html and 'src="figures' not in html
+
+
+def test_markdown_references_copied_figures(built):
+    dirs, html_path = built
+    md = (dirs["out"] / artifacts.REPORT_MD).read_text()
+    refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    html_imgs = html_path.read_text().count("<img ")
+    assert len(refs) == html_imgs == len(set(refs))
+    for ref in refs:
+        data = (dirs["out"] / ref).read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 60
+    assert "figures/doubling/growth.png" in refs
+    # baseline: 4 NCA-only figures; nondoubling: interpolations and the empty damage curve
+    assert md.count(": *not produced") == 6
+    assert md.startswith("# ") and "> **SMOKE RUN" in md
+
+
+def test_eval_details_and_match_tables(built):
+    dirs, html_path = built
+    doc = parse(html_path)
+    details = {r["variant"]: r for r in table_dicts(doc.tables["eval-details"])}
+    d = details["doubling"]
+    assert float(d["LL before damage (nats)"]) == DAMAGE["before"]
+    recovered = 100 * (DAMAGE["after_recovery"] - DAMAGE["after_damage"]) / (
+        DAMAGE["before"] - DAMAGE["after_damage"])
+    assert float(d["recovered % of damage"]) == pytest.approx(recovered, abs=0.05)
+    assert d["probe accuracy %"] == "91.23"
+    assert d["probe train / test images"] == "1,500 / 500"
+    assert details["baseline"]["probe accuracy %"] == "—"
+    assert details["baseline"]["t-SNE images"] == "64"
+
+    match = {r["field"]: r for r in table_dicts(doc.tables["match-report"])}
+    assert table_dicts(doc.tables["match-report"])[0].keys() == {"field", "train", "valid",
+                                                                 "test"}
+    assert match["rows_changed_by_assignment"]["test"] == "8"
+    assert match["rows_changed_by_assignment"]["valid"] == "313"
+    assert match["rows_changed_by_assignment"]["train"] == "—"
+    assert match["collisions_before"]["train"] == "313"
+    assert match["collisions_before_assignment"]["test"] == (
+        "distinct: 9,992, references: 8, rows: 16")
+    assert match["impossible_pixels"]["test"] == "total: 0, pairs_with_any: 0"
+    assert match["impossible_pixels"]["train"] == "0"
+    assert "p0.1: 0.8, p1: 4.99" in match["margin_top1_top2_nats"]["test"]
+    assert "p50: 224.8" in match["label_margin_nats"]["valid"]  # 140.5 x 1.6
+    assert match["margin_top1_top2_nats.percentiles"]["train"] == (
+        "p1: 1.71, p50: 108.1, p95: 257.9")
+    assert match["label_histogram"]["test"] == ", ".join(f"{n:,}" for n in LABELS)
+    pct = rpt.match_percentiles(json.loads((dirs["data"] / artifacts.MATCH_REPORT).read_text()))
+    assert set(pct) == {"margin_top1_top2_nats", "label_margin_nats"}
+    assert set(pct["margin_top1_top2_nats"]) == {"train", "valid", "test"}
+    levels, values = pct["label_margin_nats"]["test"]
+    assert levels.tolist() == [0.1, 1, 5, 25, 50, 75, 95]
+    assert values[4] == pytest.approx(140.5 * 1.6)
+    top = {r["field"]: r["value"] for r in table_dicts(doc.tables["match-summary"])}
+    assert top == {"source": "bundled", "summary": "3 splits matched"}
+    configs = table_dicts(doc.tables["configs"])
+    assert {r["setting"]: r for r in configs}["batch size"]["doubling"] == "8"  # smoke overlay
+
+
+def test_smoke_banner(built, tmp_path):
+    _, html_path = built
+    banner = "".join(parse(html_path).banner)
+    assert banner.startswith("SMOKE RUN")
+    assert "doubling (100,000 steps)" in banner and "NOT comparable" in banner
+    full = make_inputs(tmp_path, smoke=False)
+    doc = parse(build(full))
+    assert doc.banner is None
+    assert {r["run"] for r in table_dicts(doc.tables["results"])} == {"full"}
+    # One smoke input anywhere (here only one evaluation's metrics) brings the banner back.
+    m = full["evals"][2] / artifacts.EVAL_METRICS
+    m.write_text(json.dumps(dict(json.loads(m.read_text()), smoke=True)))
+    doc = parse(build(full))
+    assert "".join(doc.banner).startswith("SMOKE RUN: baseline")
+    runs = {r["variant"]: r["run"] for r in table_dicts(doc.tables["results"])}
+    assert runs == {"baseline": "SMOKE", "doubling": "full", "nondoubling": "full"}
+
+
+def test_variant_comes_from_files_not_argument_order(built, tmp_path):
+    dirs, html_path = built
+    shuffled = dict(dirs, evals=dirs["evals"][::-1], trains=dirs["trains"][1:] + dirs["trains"][:1],
+                    out=tmp_path / "out")
+    rows = parse(build(shuffled)).tables["results"]
+    assert rows == parse(html_path).tables["results"]
+
+
+def _one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("which", ["eval", "train", "data", "eval_metrics", "train_summary",
+                                   "train_config", "match_report"])
+def test_missing_input_is_one_line_error(tmp_path, which):
+    dirs = make_inputs(tmp_path)
+    target = {
+        "eval": dirs["evals"][1], "train": dirs["trains"][0], "data": dirs["data"],
+        "eval_metrics": dirs["evals"][1] / artifacts.EVAL_METRICS,
+        "train_summary": dirs["trains"][2] / artifacts.TRAIN_SUMMARY,
+        "train_config": dirs["trains"][2] / artifacts.RESOLVED_CONFIG,
+        "match_report": dirs["data"] / artifacts.MATCH_REPORT,
+    }[which]
+    if target.is_dir():
+        target = target.with_name(target.name + "_missing")
+        if which == "eval":
+            dirs["evals"][1] = target
+        elif which == "train":
+            dirs["trains"][0] = target
+        else:
+            dirs["data"] = target
+    else:
+        target.unlink()
+    with pytest.raises(DataError) as e:
+        build(dirs)
+    assert str(target) in _one_line(e)
+    assert not (dirs["out"] / artifacts.REPORT_HTML).exists()
+
+
+def test_cli_reports_missing_dir_on_one_line(tmp_path, capsys):
+    from vnca.cli import main
+
+    dirs = make_inputs(tmp_path)
+    missing = tmp_path / "nope"
+    rc = main(["report", "--evals", str(dirs["evals"][0]), str(missing), "--train",
+               *map(str, dirs["trains"]), "--data", str(dirs["data"]), "--out",
+               str(dirs["out"])])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("vnca report: error:") and str(missing) in err
+
+
+def test_corrupt_and_ambiguous_inputs(tmp_path):
+    dirs = make_inputs(tmp_path)
+    m = dirs["evals"][0] / artifacts.EVAL_METRICS
+    m.write_text('{"variant": ')
+    with pytest.raises(DataError, match="not valid JSON"):
+        build(dirs)
+    m.write_text(json.dumps({"iwelbo": {}}))
+    with pytest.raises(DataError, match="'variant'"):
+        build(dirs)
+    # Two evaluations of the same variant and name are ambiguous.
+    dirs = make_inputs(tmp_path / "b")
+    copy = tmp_path / "copy"
+    shutil.copytree(dirs["evals"][0], copy)
+    with pytest.raises(DataError, match="two evaluation directories for doubling") as e:
+        rpt.build_report(dirs["evals"] + [copy], dirs["trains"], dirs["data"], dirs["out"])
+    assert str(copy) in _one_line(e) and str(dirs["evals"][0]) in str(e.value)
+    with pytest.raises(UserError, match="no evaluation directories"):
+        rpt.build_report([], dirs["trains"], dirs["data"], dirs["out"])
+
+
+def test_metrics_jsonl_is_read_tolerantly(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    good = [{"step": 0, "loss": 9.0, "kl": 1.0, "recon": -8.0},
+            {"step": 5, "loss": 3.0, "kl": 2.0, "recon": -1.0, "new_key": "x"},
+            {"step": 5, "split": "valid", "val_elbo": -4.0},
+            {"step": 10, "loss": float("nan"), "kl": 2.5},  # NaN and missing recon: dropped
+            ]
+    text = "\n".join(json.dumps(r) for r in good) + "\n\n" + '{"step": 15, "lo'
+    p.write_text(text)
+    records = rpt.read_jsonl(p)
+    assert len(records) == 4  # the truncated last line (interrupted run) is dropped
+    tr = rpt.TrainRun(tmp_path, "doubling", "doubling", False, {}, None, records)
+    curves = rpt.curves_frame([("doubling", tr)])
+    got = sorted(map(tuple, curves[["step", "metric", "value"]].itertuples(index=False)))
+    assert got == [(5.0, "kl", 2.0), (5.0, "loss", 3.0), (5.0, "recon", -1.0),
+                   (5.0, "val_elbo", -4.0), (10.0, "kl", 2.5)]
+    p.write_text(json.dumps(good[0]) + "\n{broken\n" + json.dumps(good[1]) + "\n")
+    with pytest.raises(DataError, match="line 2"):
+        rpt.read_jsonl(p)
+
+
+@pytest.mark.parametrize("report", [
+    {},
+    {"test": "not a dict", "summary": 3},
+    {"splits": {"valid": {"collisions_before": 2, "margin": {"histogram": {
+        "counts": [1, 2], "bin_edges": [0, 1, 2]}}}}},
+    {"test": {"margin_top1_top2": {"counts": [1, 2], "edges": [0, 1]}}},  # inconsistent edges
+])
+def test_match_report_read_defensively(report):
+    table = rpt.match_table(report)
+    hists = rpt.match_histograms(report)
+    if "splits" in report:
+        assert table.to_dict("records") == [{"field": "collisions_before", "valid": "2"}]
+        (counts, edges), = hists["margin"].values()
+        assert counts.tolist() == [1, 2] and edges.tolist() == [0, 1, 2]
+        assert rpt.plot_match_distributions(hists)[:8] == PNG_SIGNATURE
+    else:
+        assert hists == {}
+    blocks = rpt.report_blocks([], rpt.DataInfo(Path("d"), report, None, None))
+    assert "not produced" in rpt.render_markdown(blocks)
+
+
+def test_report_imports_no_jax():
+    code = ("import sys, vnca.report; bad = [m for m in sys.modules if m == 'jax' or "
+            "m.startswith(('jax.', 'jaxlib', 'flax', 'optax'))]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
