@@ -1,0 +1,77 @@
+"""Dataset artifact readers and the model-input padding step (numpy only; light to import).
+
+`vnca prepare-data` (see `vnca.data.prepare`) writes `dataset.npz` with, per split in
+train / valid / test: `{split}_x` uint8 (N, 28, 28) in {0, 1}, `{split}_y` int64 labels from
+label matching and `{split}_mnist_index` int64. Images are stored unpadded; `pad_images` is the
+models' input step (28 -> 32 zero-pads 2 pixels on every side, as both VNCA code bases do).
+
+Shapes: N images, H = W = 28 stored, P = pad_to.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from vnca.artifacts import DATASET, SPLITS
+from vnca.errors import ConfigError, DataError
+
+__all__ = ["DATASET", "SPLITS", "load_dataset", "load_split", "pad_images"]
+
+
+def pad_images(x_NxHxW: np.ndarray, pad_to: int) -> np.ndarray:
+    """Binary images (N, H, W) -> float32 (N, P, P, 1), zero-padded equally on every side."""
+    x_NxHxW = np.asarray(x_NxHxW)
+    if x_NxHxW.ndim != 3 or x_NxHxW.shape[1] != x_NxHxW.shape[2]:
+        raise ValueError(f"pad_images expects (N, H, H) images, got shape {x_NxHxW.shape}")
+    side = x_NxHxW.shape[1]
+    extra = pad_to - side
+    if extra < 0 or extra % 2:
+        raise ConfigError(
+            f"data.pad_to={pad_to} cannot centre {side}x{side} images (needs >= {side}, "
+            f"same parity)")
+    p = extra // 2
+    out_NxPxPx1 = np.zeros((len(x_NxHxW), pad_to, pad_to, 1), np.float32)
+    out_NxPxPx1[:, p:p + side, p:p + side, 0] = x_NxHxW
+    return out_NxPxPx1
+
+
+def load_dataset(data_dir: str | os.PathLike, splits=SPLITS) -> dict[str, np.ndarray]:
+    """All arrays of `dataset.npz` for `splits` (x, y, mnist_index), checked for shape/dtype."""
+    path = Path(data_dir) / DATASET
+    if not path.is_file():
+        raise DataError(f"{path}: dataset not found (run `vnca prepare-data --out {data_dir}`)")
+    out = {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            for split in splits:
+                if split not in SPLITS:
+                    raise DataError(f"{path}: unknown split {split!r} (expected one of {SPLITS})")
+                for key in (f"{split}_x", f"{split}_y", f"{split}_mnist_index"):
+                    if key not in npz.files:
+                        raise DataError(f"{path}: missing array {key!r}")
+                    out[key] = npz[key]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{path}: unreadable or corrupt dataset ({msg})") from None
+    for split in splits:
+        x, y, idx = out[f"{split}_x"], out[f"{split}_y"], out[f"{split}_mnist_index"]
+        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
+            raise DataError(f"{path}: {split}_x must be uint8 (N, 28, 28), got {x.dtype} "
+                            f"{x.shape}")
+        if y.dtype != np.int64 or y.shape != (len(x),) or idx.shape != (len(x),):
+            raise DataError(f"{path}: {split}_y / {split}_mnist_index must be int64 ({len(x)},)")
+        if x.size and x.max() > 1:
+            raise DataError(f"{path}: {split}_x has values other than 0 and 1")
+    return out
+
+
+def load_split(data_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x uint8 (N, 28, 28) in {0, 1}, y int64 (N,)) of one split of `DATA_DIR/dataset.npz`."""
+    arrays = load_dataset(data_dir, (split,))
+    return arrays[f"{split}_x"], arrays[f"{split}_y"]

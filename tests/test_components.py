@@ -1,0 +1,195 @@
+"""Each KFP component's body, run in-process through `component.python_func` on artifacts made
+here.
+
+prepare-data runs the real library on the bundled sample. train, evaluate and report bodies are
+run against recording stand-ins for `vnca.train`, `vnca.evaluate` and `vnca.report` (put in
+`sys.modules`): these tests check what a body hands the library and what it makes of the
+result (artifact paths, parsed config, Metrics and metadata). The real library behind them runs
+end to end in tests/test_run_local.py.
+"""
+
+import json
+import math
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
+
+from components.evaluate import evaluate_op
+from components.prepare_data import prepare_data_op
+from components.report import report_component
+from components.train import train_op
+from pipeline.pipeline import CONFIG_DIR, config_text
+from vnca import artifacts, config
+from vnca.errors import ConfigError
+
+
+@pytest.fixture
+def fake_module(monkeypatch):
+    """Install a stand-in module (e.g. 'vnca.train') that a component body will import."""
+
+    def install(name: str, **attrs):
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, module)
+        parent, _, child = name.rpartition(".")
+        monkeypatch.setattr(sys.modules[parent], child, module, raising=False)
+        return module
+
+    return install
+
+
+def _artifact(cls, path: Path):
+    """An artifact as KFP hands it to a body: its path's parent exists, the path does not."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return cls(uri=str(path))
+
+
+def test_prepare_data_body_writes_the_bundled_dataset(tmp_path):
+    dataset = _artifact(Dataset, tmp_path / "prepare-data" / "dataset")
+    prepare_data_op.python_func(dataset=dataset, source="bundled")
+    with np.load(Path(dataset.path) / artifacts.DATASET, allow_pickle=False) as npz:
+        for split in artifacts.SPLITS:
+            x, y = npz[f"{split}_x"], npz[f"{split}_y"]
+            assert x.dtype == np.uint8 and x.ndim == 3 and x.shape[1:] == (28, 28)
+            assert len(x) > 0 and y.shape == (len(x),)
+            assert set(np.unique(x)) <= {0, 1}
+            assert y.min() >= 0 and y.max() <= 9
+    assert dataset.metadata["source"] == "bundled"
+    json.dumps(dataset.metadata)  # metadata must be JSON for KFP's executor output
+
+
+def test_prepare_data_body_maps_gcs_paths_and_gives_downloads_a_scratch_dir(
+    tmp_path, fake_module
+):
+    calls = []
+
+    def prepare_data(source, out_dir, raw_dir, download, tfds_dir):
+        calls.append({"source": source, "out_dir": out_dir, "raw_dir": raw_dir, "download": download,
+                          "tfds_dir": tfds_dir})
+        return {"summary": "stub"}
+
+    fake_module("vnca.data.prepare", prepare_data=prepare_data)
+    dataset = _artifact(Dataset, tmp_path / "dataset")
+    prepare_data_op.python_func(dataset=dataset, source="raw", raw_dir="gs://bkt/mnist/raw")
+    prepare_data_op.python_func(dataset=dataset, source="tfds", tfds_dir="gs://bkt/tfds")
+    prepare_data_op.python_func(dataset=dataset, source="raw", download=True)
+    assert calls[0] == {"source": "raw", "out_dir": dataset.path, "raw_dir": "/gcs/bkt/mnist/raw",
+                            "download": False, "tfds_dir": None}
+    assert calls[1]["raw_dir"] is None and calls[1]["tfds_dir"] == "/gcs/bkt/tfds"
+    scratch = Path(calls[2]["raw_dir"])  # a fresh, empty, writable folder
+    assert calls[2]["download"] and scratch.is_dir() and not any(scratch.iterdir())
+    scratch.rmdir()
+    assert dataset.metadata == {"source": "raw", "summary": "stub"}
+
+
+def test_train_body_parses_the_config_text_and_writes_into_the_model(tmp_path, fake_module):
+    calls = []
+
+    def train_and_evaluate(cfg, data_dir, out_dir, steps=None):
+        calls.append({"cfg": cfg, "data_dir": data_dir, "out_dir": out_dir, "steps": steps})
+        os.makedirs(out_dir)
+        config.save(cfg, os.path.join(out_dir, artifacts.RESOLVED_CONFIG))
+        return {"variant": cfg.model.variant, "steps": np.int64(cfg.train.steps)}
+
+    fake_module("vnca.train", train_and_evaluate=train_and_evaluate)
+    cfg = config.load([CONFIG_DIR / "nondoubling.yaml", CONFIG_DIR / "smoke.yaml"],
+                      ["train.steps=7", "model.update_prob=0.75"])
+    data = _artifact(Dataset, tmp_path / "prepare-data" / "dataset")
+    model = _artifact(Model, tmp_path / "train" / "model")
+
+    train_op.python_func(config=config_text(cfg), data=data, model=model)
+
+    assert len(calls) == 1
+    assert calls[0]["cfg"] == cfg  # the one-line YAML parameter round-trips exactly
+    assert calls[0]["data_dir"] == data.path and calls[0]["out_dir"] == model.path
+    assert calls[0]["steps"] is None  # train.steps comes from the config
+    assert config.load([Path(model.path) / artifacts.RESOLVED_CONFIG]) == cfg
+    assert model.metadata == {"name": "nondoubling", "variant": "nondoubling", "steps": 7}
+    assert type(model.metadata["steps"]) is int
+    json.dumps(model.metadata)
+
+
+def test_train_body_reports_a_bad_config_parameter_in_one_line(tmp_path, fake_module):
+    fake_module("vnca.train", train_and_evaluate=lambda *a, **k: pytest.fail("must not train"))
+    data = _artifact(Dataset, tmp_path / "d")
+    model = _artifact(Model, tmp_path / "m")
+    with pytest.raises(ConfigError) as err:
+        train_op.python_func(config="{name: x, train: {stepz: 3}}", data=data, model=model)
+    assert "train.stepz" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_evaluate_body_logs_the_bound_as_metrics(tmp_path, fake_module):
+    calls = []
+
+    def evaluate(model_dir, data_dir, out_dir, overrides):
+        calls.append({"model_dir": model_dir, "data_dir": data_dir, "out_dir": out_dir,
+                          "overrides": overrides})
+        return {"variant": "doubling",
+                "iwelbo": {"k": 4, "mean_nats": np.float32(-95.25), "stderr_nats": 0.125,
+                           "bits_per_dim": 0.17525}}
+
+    fake_module("vnca.evaluate", evaluate=evaluate)
+    data = _artifact(Dataset, tmp_path / "prepare-data" / "dataset")
+    model = _artifact(Model, tmp_path / "train" / "model")
+    evaluation = _artifact(Artifact, tmp_path / "evaluate" / "evaluation")
+    metrics = _artifact(Metrics, tmp_path / "evaluate" / "metrics")
+
+    evaluate_op.python_func(data=data, model=model, evaluation=evaluation, metrics=metrics)
+
+    assert calls == [{"model_dir": model.path, "data_dir": data.path, "out_dir": evaluation.path,
+                          "overrides": []}]
+    assert metrics.metadata == {"iwelbo_nats": -95.25, "iwelbo_stderr_nats": 0.125,
+                                "bits_per_dim": 0.17525}
+    assert all(type(v) is float for v in metrics.metadata.values())
+
+
+def test_report_body_builds_one_report_and_logs_every_variants_bound(tmp_path, fake_module):
+    calls = []
+
+    def build_report(eval_dirs, train_dirs, data_dir, out_dir):
+        calls.append({"eval_dirs": eval_dirs, "train_dirs": train_dirs, "data_dir": data_dir,
+                          "out_dir": out_dir})
+        os.makedirs(out_dir)
+        html = Path(out_dir) / artifacts.REPORT_HTML
+        html.write_text("<html>baseline doubling</html>")
+        (Path(out_dir) / artifacts.REPORT_MD).write_text("# report\n")
+        return str(html)
+
+    fake_module("vnca.report", build_report=build_report)
+    bounds_in = {"baseline": -86.5, "doubling": -84.25}
+    inputs = {}
+    for name, bound in bounds_in.items():
+        ev = tmp_path / f"evaluate-{name}" / "evaluation"
+        ev.mkdir(parents=True)
+        (ev / artifacts.EVAL_METRICS).write_text(json.dumps({"iwelbo": {"mean_nats": bound}}))
+        inputs[f"eval_{name}"] = Artifact(uri=str(ev))
+        inputs[f"model_{name}"] = _artifact(Model, tmp_path / f"train-{name}" / "model")
+    data = _artifact(Dataset, tmp_path / "prepare-data" / "dataset")
+    report_dir = _artifact(Artifact, tmp_path / "report" / "report_dir")
+    report_html = _artifact(HTML, tmp_path / "report" / "report_html")
+    bounds = _artifact(Metrics, tmp_path / "report" / "bounds")
+
+    component = report_component(["baseline", "doubling"])
+    assert list(component.component_spec.inputs) == [
+        "data", "eval_baseline", "model_baseline", "eval_doubling", "model_doubling"]
+    component.python_func(data=data, report_dir=report_dir, report_html=report_html,
+                          bounds=bounds, **inputs)
+
+    assert calls == [{
+        "eval_dirs": [inputs["eval_baseline"].path, inputs["eval_doubling"].path],
+        "train_dirs": [inputs["model_baseline"].path, inputs["model_doubling"].path],
+        "data_dir": data.path, "out_dir": report_dir.path}]
+    assert Path(report_html.path).read_text() == "<html>baseline doubling</html>"
+    assert bounds.metadata == {"baseline_iwelbo_nats": -86.5, "doubling_iwelbo_nats": -84.25}
+    assert all(math.isfinite(v) for v in bounds.metadata.values())
+
+
+@pytest.mark.parametrize("names", [["Doubling"], ["a-b"], ["class"], ["x", "x"], []])
+def test_report_component_rejects_names_that_cannot_be_inputs(names):
+    with pytest.raises(ConfigError):
+        report_component(names)

@@ -1,0 +1,224 @@
+"""The compiled pipeline: the committed pipeline.yaml is current, each target carries the
+machine spec of each variant's config, and `vnca submit` dry-runs / fails cleanly offline."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.images import default_image
+from pipeline.compile import compile_pipeline
+from pipeline.pipeline import CONFIG_DIR, DEFAULT_VARIANTS, REPO_ROOT, load_variants
+from vnca import cli, config
+
+IMAGE = "europe-west4-docker.pkg.dev/p/r/vnca-python-tpu:abc123"
+
+
+def _load(path) -> dict:
+    spec = yaml.safe_load(Path(path).read_text())
+    spec.pop("sdkVersion")  # the kfp version string, as KFP's own golden tests normalise it
+    return spec
+
+
+def _variant_configs(overrides_by_name: dict) -> list:
+    return [config.load([CONFIG_DIR / f"{n}.yaml"], overrides_by_name.get(n, []))
+            for n in DEFAULT_VARIANTS]
+
+
+def _worker_pool(spec: dict, comp: str) -> list:
+    params = spec["components"][f"comp-{comp}"]["inputDefinitions"]["parameters"]
+    return params["worker_pool_specs"]["defaultValue"]
+
+
+def _differences(a, b, path="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            if key not in a or key not in b:
+                out.append(f"{path}/{key}: only in {'fresh' if key in a else 'committed'}")
+            else:
+                out += _differences(a[key], b[key], f"{path}/{key}")
+        return out
+    return [] if a == b else [f"{path}: differs"]
+
+
+def test_committed_pipeline_yaml_is_current(tmp_path):
+    fresh = compile_pipeline(tmp_path / "pipeline.yaml")  # `vnca compile`'s defaults
+    diffs = _differences(_load(fresh), _load(REPO_ROOT / "pipeline.yaml"))
+    assert not diffs, (
+        "pipeline.yaml is out of date with components/, pipeline/ or configs/; run "
+        "`vnca compile` and commit it. First differences: " + "; ".join(diffs[:5]))
+
+
+def test_vertex_tpu_compile_carries_each_variants_tpu_slice(tmp_path):
+    tpu = {"baseline": ("ct5lp-hightpu-4t", "2x2"), "doubling": ("ct5lp-hightpu-8t", "2x4"),
+           "nondoubling": ("ct5lp-hightpu-1t", "1x1")}
+    cfgs = _variant_configs({n: [f"hardware.tpu_machine_type={m}", f"hardware.tpu_topology={t}"]
+                             for n, (m, t) in tpu.items()})
+    spec = _load(compile_pipeline(tmp_path / "p.yaml", target="vertex-tpu", image=IMAGE,
+                                  configs=cfgs))
+    tasks = spec["root"]["dag"]["tasks"]
+    root_params = spec["root"]["inputDefinitions"]["parameters"]
+    for name, (machine, topology) in tpu.items():
+        for step in ("train", "evaluate"):
+            pools = _worker_pool(spec, f"{step}-{name}")
+            assert len(pools) == 1 and pools[0]["replica_count"] == 1  # single host
+            assert pools[0]["machine_spec"] == {"machine_type": machine, "tpu_topology": topology}
+            assert pools[0]["container_spec"]["image_uri"] == IMAGE
+            assert f"def {step}(" in " ".join(pools[0]["container_spec"]["command"])
+        # The train task of this variant reads this variant's config parameter...
+        train_in = tasks[f"train-{name}"]["inputs"]["parameters"]["config"]
+        assert train_in == {"componentInputParameter": f"config_{name}"}
+        # ...whose default is the config the hardware came from.
+        baked = config.loads(root_params[f"config_{name}"]["defaultValue"])
+        assert (baked.hardware.tpu_machine_type, baked.hardware.tpu_topology) == (machine, topology)
+        assert baked == cfgs[DEFAULT_VARIANTS.index(name)]
+
+
+def test_vertex_gpu_compile_sets_machine_and_accelerators(tmp_path):
+    cfgs = _variant_configs({"doubling": ["hardware.gpu_type=NVIDIA_L4", "hardware.gpu_count=2",
+                                          "hardware.gpu_machine_type=g2-standard-24"]})
+    spec = _load(compile_pipeline(tmp_path / "p.yaml", target="vertex-gpu", image=IMAGE,
+                                  configs=cfgs))
+    assert _worker_pool(spec, "train-doubling")[0]["machine_spec"] == {
+        "machine_type": "g2-standard-24", "accelerator_type": "NVIDIA_L4",
+        "accelerator_count": 2}
+    assert _worker_pool(spec, "evaluate-baseline")[0]["machine_spec"] == {
+        "machine_type": "a2-highgpu-1g", "accelerator_type": "NVIDIA_TESLA_A100",
+        "accelerator_count": 1}
+
+
+def test_local_compile_runs_every_step_in_the_image_without_installing(tmp_path):
+    spec = _load(compile_pipeline(tmp_path / "p.yaml", target="local", image=IMAGE))
+    execs = spec["deploymentSpec"]["executors"]
+    assert len(execs) == 1 + 2 * len(DEFAULT_VARIANTS) + 1
+    for ex in execs.values():
+        c = ex["container"]
+        assert c["image"] == IMAGE
+        assert "pip install" not in " ".join(c["command"] + c.get("args", []))
+    assert "worker_pool_specs" not in json.dumps(spec)
+    defaults = {k: v.get("defaultValue")
+                for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["data_source"] == "bundled"
+    assert sorted(defaults) == sorted(
+        ["data_source", "raw_dir", "download", "tfds_dir"]
+        + [f"config_{n}" for n in DEFAULT_VARIANTS])
+    # A report step that takes every variant's evaluation and model.
+    report_inputs = spec["root"]["dag"]["tasks"]["report"]["inputs"]["artifacts"]
+    assert sorted(report_inputs) == sorted(
+        ["data"] + [f"{k}_{n}" for n in DEFAULT_VARIANTS for k in ("eval", "model")])
+
+
+def test_compile_cli_writes_the_default_tpu_image(tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert cli.main(["compile", "--output", str(out), "--config",
+                     str(CONFIG_DIR / "doubling.yaml")]) == 0
+    assert str(out) in capsys.readouterr().out
+    spec = _load(out)
+    assert _worker_pool(spec, "train-doubling")[0]["container_spec"]["image_uri"] == (
+        default_image("vertex-tpu"))
+    assert list(spec["root"]["inputDefinitions"]["parameters"]).count("config_doubling") == 1
+    assert "config_baseline" not in spec["root"]["inputDefinitions"]["parameters"]
+
+
+def test_submit_dry_run_prints_parameters_and_machine_specs(capsys, monkeypatch):
+    def no_network(*a, **k):
+        raise AssertionError("a dry run must not contact Google Cloud")
+
+    monkeypatch.setattr("google.auth.default", no_network)
+    rc = cli.main(["submit", "--project", "p", "--region", "europe-west4", "--pipeline-root",
+                   "gs://bkt/vnca", "--image", IMAGE, "--set", "train.seed=7", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "nothing was sent to Google Cloud" in out
+    lines = out.splitlines()
+    for v in load_variants():
+        hw = v.config.hardware
+        train_line = next(ln for ln in lines if ln.strip().startswith(f"train-{v.name} "))
+        assert f"machine_type={hw.tpu_machine_type}" in train_line
+        assert f"tpu_topology={hw.tpu_topology}" in train_line
+        assert f"image={IMAGE}" in train_line
+        param_line = next(ln for ln in lines if ln.strip().startswith(f"config_{v.name}:"))
+        baked = config.loads(param_line.split(":", 1)[1].strip())
+        assert baked.train.seed == 7  # --set applies to every variant
+        assert baked == config.load([CONFIG_DIR / f"{v.name}.yaml"], ["train.seed=7"])
+    assert "  data_source: raw" in lines and "  download: true" in lines
+    assert "region: europe-west4" in lines and "pipeline root: gs://bkt/vnca" in lines
+
+
+@pytest.fixture
+def no_credentials(monkeypatch, tmp_path):
+    """An environment with no Application Default Credentials and no metadata server."""
+    for var in ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT",
+                "CLOUDSDK_CORE_PROJECT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # no ADC file there
+    monkeypatch.setattr("google.auth.compute_engine._metadata.is_on_gce",
+                        lambda *a, **k: False)
+
+
+def _submit_error(capsys, extra):
+    rc = cli.main(["submit", "--pipeline-root", "gs://bkt/vnca", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("vnca submit: error: ")
+    return err
+
+
+def test_submit_without_credentials_says_so_in_one_line(no_credentials, capsys):
+    err = _submit_error(capsys, ["--project", "p"])
+    assert "no Google Cloud credentials" in err and "gcloud auth application-default" in err
+
+
+def test_submit_without_project_says_so_in_one_line(no_credentials, capsys, monkeypatch,
+                                                    tmp_path):
+    key = tmp_path / "adc.json"
+    key.write_text(json.dumps({"type": "authorized_user", "client_id": "x.apps",
+                               "client_secret": "s", "refresh_token": "r"}))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+    err = _submit_error(capsys, [])
+    assert "no Google Cloud project" in err and "--project" in err
+
+
+def test_submit_refuses_a_local_pipeline_root(capsys):
+    rc = cli.main(["submit", "--pipeline-root", "runs/x", "--dry-run"])
+    assert rc == 2 and "gs://BUCKET/PATH" in capsys.readouterr().err
+
+
+def test_submit_hands_the_compiled_template_to_a_pipeline_job(capsys, monkeypatch):
+    """The real submission path, up to the Vertex AI client (stood in for here)."""
+    from google.cloud import aiplatform
+
+    seen = {}
+
+    class FakeJob:
+        resource_name = "projects/123/locations/europe-west4/pipelineJobs/vnca-1"
+        name = "vnca-1"
+
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+            seen["spec"] = yaml.safe_load(Path(kwargs["template_path"]).read_text())
+
+        def submit(self, service_account=None):
+            seen["service_account"] = service_account
+
+    monkeypatch.setattr("google.auth.default", lambda scopes=None: (object(), "adc-project"))
+    monkeypatch.setattr(aiplatform, "init", lambda **kwargs: seen.setdefault("init", kwargs))
+    monkeypatch.setattr(aiplatform, "PipelineJob", FakeJob)
+    rc = cli.main(["submit", "--region", "europe-west4", "--pipeline-root", "gs://bkt/vnca",
+                   "--service-account", "sa@p.iam.gserviceaccount.com", "--target",
+                   "vertex-gpu", "--image", IMAGE, "--config", str(CONFIG_DIR / "doubling.yaml")])
+    assert rc == 0
+    assert seen["init"] == {"project": "adc-project", "location": "europe-west4"}
+    assert (seen["project"], seen["location"]) == ("adc-project", "europe-west4")
+    assert seen["pipeline_root"] == "gs://bkt/vnca"
+    assert seen["service_account"] == "sa@p.iam.gserviceaccount.com"
+    pools = _worker_pool(seen["spec"], "train-doubling")
+    assert pools[0]["machine_spec"]["accelerator_type"] == "NVIDIA_TESLA_A100"
+    assert pools[0]["container_spec"]["image_uri"] == IMAGE
+    assert config.loads(seen["parameter_values"]["config_doubling"]) == config.load(
+        [CONFIG_DIR / "doubling.yaml"])
+    assert seen["parameter_values"]["download"] is True
+    assert "submitted projects/123/locations/europe-west4/pipelineJobs/vnca-1" in (
+        capsys.readouterr().out)
