@@ -86,6 +86,7 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     report = run_local(
         configs=args.config, root=args.root, runner=args.runner, smoke=not args.full,
         data_source=args.data_source, raw_dir=args.raw_dir, image=args.image,
+        overrides=args.overrides,
     )
     print(f"pipeline finished; report: {report}")
     return 0
@@ -97,7 +98,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     submit(
         project=args.project, region=args.region, pipeline_root=args.pipeline_root,
         service_account=args.service_account, target=args.target, image=args.image,
-        configs=args.config, dry_run=args.dry_run, smoke=args.smoke,
+        configs=args.config, dry_run=args.dry_run, smoke=args.smoke, overrides=args.overrides,
     )
     return 0
 
@@ -145,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile the Kubeflow pipeline to YAML")
     p.add_argument("--output", default="pipeline.yaml", help="output file")
     p.add_argument("--target", choices=["local", "vertex-tpu", "vertex-gpu"], default="vertex-tpu")
-    p.add_argument("--image", help="container image for every step (default: images/IMAGE)")
+    p.add_argument("--image", help="container image for every step (default: the target's "
+                   "image in components/images.py; images/build.sh passes the tag it pushed)")
     p.add_argument("--config", action="append", default=[], metavar="YAML",
                    help="variant configs baked in as defaults (default: the three paper configs)")
     p.set_defaults(func=cmd_compile)
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not layer configs/smoke.yaml on the variant configs")
     p.add_argument("--data-source", choices=["bundled", "raw", "tfds"], default="bundled")
     p.add_argument("--raw-dir", help="with --data-source raw: directory of the raw files")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value in every variant, e.g. --set train.steps=5")
     p.add_argument("--image", help="with --runner docker: image for every step "
                    "(default: the CPU image named in components/images.py)")
     p.set_defaults(func=cmd_run_local)
@@ -169,8 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-root", required=True, help="gs://BUCKET/PATH for artifacts")
     p.add_argument("--service-account")
     p.add_argument("--target", choices=["vertex-tpu", "vertex-gpu"], default="vertex-tpu")
-    p.add_argument("--image", help="container image for every step")
+    p.add_argument("--image", help="container image for every step (default: the target's "
+                   "image in components/images.py)")
     p.add_argument("--config", action="append", default=[], metavar="YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value in every variant (the job's config_* parameters)")
     p.add_argument("--smoke", action="store_true",
                    help="layer configs/smoke.yaml on the configs and use the bundled data sample "
                    "(a cheap end-to-end check of the Vertex AI setup)")
