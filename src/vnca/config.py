@@ -278,14 +278,27 @@ def load(paths: str | Path | list[str | Path] = (), overrides: list[str] = ()) -
             raise ConfigError(f"{path}: config file not found")
         _merge(merged, _read_yaml(path.read_text(), str(path)), str(path), sources)
     for item in overrides:
-        parts, value = _parse_override(item)
-        node = merged
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item}: {part} is not a section")
-        node[parts[-1]] = value
-        sources[".".join(parts)] = f"--set {item}"
+        _set_override(merged, item, sources)
+    return validate(from_dict(merged, sources))
+
+
+def _set_override(merged: dict, item: str, sources: dict[str, str]) -> None:
+    parts, value = _parse_override(item)
+    node = merged
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item}: {part} is not a section")
+    node[parts[-1]] = value
+    sources[".".join(parts)] = f"--set {item}"
+
+
+def apply_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
+    """`cfg` with `key=value` overrides applied as `load` applies them, validated again."""
+    merged = to_dict(cfg)
+    sources: dict[str, str] = {"": "config"}
+    for item in overrides:
+        _set_override(merged, item, sources)
     return validate(from_dict(merged, sources))
 
 

@@ -1,0 +1,114 @@
+"""Devices, the data-parallel mesh and multi-host start-up.
+
+One mesh axis, `data`, over every device JAX sees (all hosts): the batch is sharded along it
+and parameters, optimizer state and keys are replicated. `jax.distributed.initialize()` is
+called only when the environment describes a multi-process job:
+
+- Cloud TPU pod slices / GKE (`TPU_WORKER_HOSTNAMES` lists more than one host, or
+  `MEGASCALE_*`): JAX auto-detects everything;
+- an explicit coordinator (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`);
+- Vertex AI multi-replica jobs (`CLUSTER_SPEC`, JSON with `cluster.workerpool0` = coordinator).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+COORDINATOR_PORT = 8476
+
+
+def cluster_from_env(env: Mapping[str, str]) -> dict | None:
+    """Arguments for `jax.distributed.initialize` read from `env`; None for a single process.
+
+    An empty dict means "multi-process, let JAX auto-detect" (Cloud TPU).
+    """
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        return {
+            "coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
+            "num_processes": int(env.get("JAX_NUM_PROCESSES", "1")),
+            "process_id": int(env.get("JAX_PROCESS_ID", "0")),
+        }
+    if "CLUSTER_SPEC" in env:
+        spec = json.loads(env["CLUSTER_SPEC"])
+        cluster, task = spec.get("cluster", {}), spec.get("task", {})
+        pools = [k for k in sorted(cluster) if k.startswith("workerpool")]
+        hosts = [h for k in pools for h in cluster[k]]
+        if len(hosts) <= 1:
+            return None
+        coordinator = cluster["workerpool0"][0].split(":")[0]
+        pool, index = task.get("type", "workerpool0"), int(task.get("index", 0))
+        pid = sum(len(cluster[k]) for k in pools if k < pool) + index
+        return {
+            "coordinator_address": f"{coordinator}:{COORDINATOR_PORT}",
+            "num_processes": len(hosts),
+            "process_id": pid,
+        }
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env:
+        return {}
+    return None
+
+
+_initialized = False
+
+
+def maybe_initialize(env: Mapping[str, str] | None = None) -> bool:
+    """Start the multi-process runtime when the environment asks for it (once per process)."""
+    global _initialized
+    if _initialized:
+        return True
+    args = cluster_from_env(os.environ if env is None else env)
+    if args is None:
+        return False
+    jax.distributed.initialize(**args)
+    _initialized = True
+    return True
+
+
+def make_mesh(devices: list | None = None) -> jax.sharding.Mesh:
+    """A 1-D mesh named `data` over `devices` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
+                         devices=devices)
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def process_rows(global_rows: int) -> slice:
+    """Rows of a global batch that this process feeds (processes own equal, ordered blocks)."""
+    n = jax.process_count()
+    per = global_rows // n
+    i = jax.process_index()
+    return slice(i * per, (i + 1) * per)
+
+
+def global_batch(local_x: np.ndarray, sharding: NamedSharding, global_rows: int) -> jax.Array:
+    """Assemble a batch sharded along `data` from this process's block of rows."""
+    shape = (global_rows,) + tuple(local_x.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, local_x, shape)
+
+
+def hardware_string(devices: list | None = None) -> str:
+    """For example '8 x TPU v5 lite' or '1 x cpu'."""
+    devices = jax.devices() if devices is None else devices
+    kinds = Counter(getattr(d, "device_kind", d.platform) for d in devices)
+    return ", ".join(f"{n} x {k}" for k, n in kinds.items())
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0

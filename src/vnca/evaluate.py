@@ -1,0 +1,317 @@
+"""`vnca evaluate`: everything measured on the test split, which only this step opens.
+
+    evaluate(model_dir, data_dir, out_dir, overrides) -> metrics (also OUT/metrics.json)
+
+The model directory's resolved config decides the evaluation settings (its `eval` section);
+`overrides` change `eval.*` keys (and `model.eval_steps`, the non-doubling model's step count at
+test time, which changes no parameter). Computed, per variant:
+
+- all: the importance-weighted bound (K = eval.iw_samples, on eval.n_images test images or all),
+  prior samples (probabilities and Bernoulli draws), test reconstructions, t-SNE of encoder
+  means (with a k-nearest-neighbour label accuracy of the means and of the embedding, a number
+  for the VNCA-versus-baseline comparison), and latent interpolations between test digits;
+- NCA variants: growth stages from the seed to the final image;
+- non-doubling: damage recovery as a log-likelihood curve (see `vnca.evaluation.damage`) and a
+  linear probe on final cell states, split by image (see `vnca.evaluation.probe`).
+
+Subsets come from one shuffled order of the test split (it is grouped by digit, trap T9); each
+image's random numbers come from `fold_in(purpose key, index in the test split)`. The model is
+evaluated with remat off (it only saves memory for gradients). Outputs: `metrics.json` (written
+last, so its presence means the run finished), `arrays.npz` and the PNGs of
+`vnca.artifacts.EVAL_FIGURES` that apply to the variant, each written under a temporary name
+and renamed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vnca import artifacts, config, reference
+from vnca.errors import ConfigError, DataError
+
+# Keys an evaluation may override: the eval section, and how many steps the non-doubling model
+# takes at test time (R: 36; O: drawn as in training). Anything else would change the model.
+OVERRIDABLE = ("eval.", "model.eval_steps")
+KEY_PURPOSES = ("shuffle", "iwelbo", "samples", "reconstructions", "growth", "damage", "probe",
+                "interpolation")
+GROWTH_EXAMPLES = 8
+DAMAGE_FIGURE_IMAGES = 8
+PROBE_FIGURE_IMAGES = 6
+PROBE_TEST_FRACTION = 0.2
+KNN_NEIGHBOURS = 10
+
+
+def eval_config(cfg: config.Config, overrides: list[str] = ()) -> config.Config:
+    """The model's config with evaluation overrides applied and the eval section checked."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not (key.startswith(OVERRIDABLE[0]) or key == OVERRIDABLE[1]):
+            raise ConfigError(f"--set {item}: evaluate only overrides eval.* keys and "
+                              "model.eval_steps (the model is fixed by its training config)")
+    cfg = config.apply_overrides(cfg, overrides)
+    e = cfg.eval
+    if e.n_images is not None and e.n_images < 1:
+        raise ConfigError(f"eval.n_images must be at least 1 or null (all), got {e.n_images}")
+    for key, value, least in [
+        ("eval.n_samples", e.n_samples, 0), ("eval.n_reconstructions", e.n_reconstructions, 0),
+        ("eval.damage_images", e.damage_images, 0), ("eval.damage_at", e.damage_at, 1),
+        ("eval.recovery_steps", e.recovery_steps, 1), ("eval.probe_steps", e.probe_steps, 1),
+        ("eval.n_interpolations", e.n_interpolations, 0),
+        ("eval.interpolation_points", e.interpolation_points, 2),
+    ]:
+        if value < least:
+            raise ConfigError(f"{key} must be at least {least}, got {value}")
+    if e.tsne_images != 0 and e.tsne_images < 4:
+        raise ConfigError(f"eval.tsne_images must be 0 (skip) or at least 4, got {e.tsne_images}")
+    if e.probe_images != 0 and e.probe_images < 2:
+        raise ConfigError(f"eval.probe_images must be 0 (skip) or at least 2, got "
+                          f"{e.probe_images}")
+    return cfg
+
+
+def eval_keys(seed: int) -> dict:
+    """One independent key per purpose, from `jax.random.key(seed)`."""
+    import jax
+
+    root = jax.random.key(seed)
+    return dict(zip(KEY_PURPOSES, jax.random.split(root, len(KEY_PURPOSES))))
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_npz(arrays: dict, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _knn_accuracy(points_NxD: np.ndarray, labels_N: np.ndarray, k: int) -> float:
+    """Leave-one-out accuracy of a k-nearest-neighbour majority vote (ties: smallest label)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(k, len(points_NxD) - 1)
+    nn = NearestNeighbors(n_neighbors=k + 1).fit(points_NxD)
+    _, idx = nn.kneighbors(points_NxD)
+    neigh = labels_N[idx[:, 1:]]
+    votes = np.stack([np.bincount(r, minlength=10) for r in neigh])
+    return float(np.mean(votes.argmax(-1) == labels_N))
+
+
+def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
+             out_dir: str | os.PathLike, overrides: list[str] = (),
+             progress: bool = True) -> dict:
+    """Evaluate a trained model on the test split; write OUT_DIR and return the metrics."""
+    import jax
+
+    from vnca.data import load_split, pad_images
+    from vnca.evaluation import bound, damage, figures, latent, probe
+    from vnca.models import build_model
+    from vnca.models.model_io import load_model
+
+    cfg, _, params = load_model(model_dir)
+    cfg = eval_config(cfg, overrides)
+    e = cfg.eval
+    # remat only trades compute for memory in a backward pass; evaluation has none.
+    cfg_run = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=False))
+    model = build_model(cfg_run)
+    x_u8, y_N = load_split(data_dir, "test")
+    n_test = len(x_u8)
+    if n_test == 0:
+        raise DataError(f"{Path(data_dir) / artifacts.DATASET}: the test split is empty")
+    x_N = pad_images(x_u8, cfg.data.pad_to)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / artifacts.EVAL_METRICS).unlink(missing_ok=True)  # a finished run writes it last
+
+    keys = eval_keys(e.seed)
+    order = np.asarray(jax.random.permutation(keys["shuffle"], n_test))
+    is_nca = model.variant in ("doubling", "nondoubling")
+    seconds: dict = {}
+    arrays: dict = {}
+    devices = jax.devices()
+    metrics: dict = {
+        "variant": model.variant,
+        "name": cfg.name,
+        "smoke": cfg.smoke,
+        "model_dir": str(model_dir),
+        "n_test_images": int(n_test),
+        "device": f"{len(devices)} x {devices[0].device_kind}",
+        "eval_config": dataclasses.asdict(e),
+        "eval_steps": cfg.model.eval_steps,
+    }
+
+    # -- the importance-weighted bound ---------------------------------------------------------
+    t0 = time.perf_counter()
+    n_bound = n_test if e.n_images is None else min(e.n_images, n_test)
+    iw_index = np.arange(n_test) if n_bound == n_test else np.sort(order[:n_bound])
+    res = bound.iw_bound(model, params, x_N[iw_index], iw_index, keys["iwelbo"],
+                         e.iw_samples, e.batch_size, progress)
+    seconds["iwelbo"] = time.perf_counter() - t0
+    metrics["iwelbo"] = {
+        "k": e.iw_samples,
+        "n_images": int(n_bound),
+        **bound.summarize(res["iw"], reference.MNIST_PIXELS),
+        "elbo_mean_nats": float(np.mean(res["elbo"])),
+        "log_px_mean_nats": float(np.mean(res["log_px"])),
+        "batch_size": e.batch_size,
+        "images_per_second": n_bound / seconds["iwelbo"],
+        "paper_nats": reference.PAPER_NATS.get(model.variant),
+        "reproduction_nats": reference.REPRODUCTION_NATS.get(model.variant),
+    }
+    arrays.update(iw_nats=res["iw"].astype(np.float32), iw_index=iw_index,
+                  iw_elbo_nats=res["elbo"].astype(np.float32))
+
+    # -- prior samples, reconstructions, growth ------------------------------------------------
+    t0 = time.perf_counter()
+    k_z, k_dec, k_bin = jax.random.split(keys["samples"], 3)
+    z_prior = np.asarray(jax.random.normal(k_z, (max(e.n_samples, GROWTH_EXAMPLES),
+                                                 cfg.model.z_dim)))
+    if e.n_samples:
+        probs = figures.sigmoid(latent.decode(model, params, z_prior[: e.n_samples], k_dec))
+        binary = np.asarray(jax.random.bernoulli(k_bin, probs)).astype(np.uint8)
+        arrays.update(samples_probs=probs.astype(np.float32), samples_binary=binary)
+        figures.image_grid(probs, out / "samples.png", "Prior samples (probabilities)")
+        figures.image_grid(binary.astype(np.float32), out / "samples_binary.png",
+                           "Prior samples (Bernoulli draws)")
+    n_rec = min(e.n_reconstructions, n_test)
+    if n_rec:
+        rec_index = order[:n_rec]
+        rec = figures.sigmoid(latent.reconstructions(model, params, x_N[rec_index],
+                                                     keys["reconstructions"]))
+        arrays.update(recon_x=x_N[rec_index, ..., 0].astype(np.uint8),
+                      recon_probs=rec.astype(np.float32), recon_index=rec_index)
+        figures.reconstructions(x_N[rec_index, ..., 0], rec, out / "reconstructions.png")
+    if is_nca:
+        frames_SxBxHxW = latent.growth(model, params, z_prior[:GROWTH_EXAMPLES], keys["growth"])
+        growth_BxSxHxW = figures.sigmoid(frames_SxBxHxW).transpose(1, 0, 2, 3)
+        arrays["growth_probs"] = growth_BxSxHxW.astype(np.float32)
+        n_frames = growth_BxSxHxW.shape[1]
+        figures.strips(growth_BxSxHxW, out / "growth.png",
+                       f"Growth of prior samples: seed and the state after each of the "
+                       f"{n_frames - 1} NCA steps",
+                       col_titles=["seed"] + [str(i) for i in range(1, n_frames)])
+        metrics["growth"] = {"n_examples": int(growth_BxSxHxW.shape[0]),
+                             "n_frames": int(n_frames)}
+    seconds["samples_reconstructions_growth"] = time.perf_counter() - t0
+
+    # -- damage recovery and linear probe (non-doubling) ---------------------------------------
+    if model.variant == "nondoubling" and e.damage_images:
+        t0 = time.perf_counter()
+        d_index = order[: min(e.damage_images, n_test)]
+        d = damage.damage_recovery(model, params, x_N[d_index], d_index, keys["damage"],
+                                   e.damage_at, e.recovery_steps, e.batch_size,
+                                   DAMAGE_FIGURE_IMAGES, progress)
+        top, left = damage.centred_square(model.image_size, cfg.model.damage_size)
+        metrics["damage"] = {
+            **damage.summarize(d["ll_NxS"], e.damage_at),
+            "damage_at": e.damage_at,
+            "recovery_steps": e.recovery_steps,
+            "square": {"top": top, "left": left, "size": cfg.model.damage_size,
+                       "position": "centred"},
+        }
+        arrays.update(damage_curve_steps=d["steps_S"],
+                      damage_curve_ll=d["ll_NxS"].mean(axis=0).astype(np.float32),
+                      damage_ll=d["ll_NxS"].astype(np.float32), damage_index=d_index)
+        s = d["steps_S"]
+        frames = figures.sigmoid(d["logits_FxSxHxW"])
+        dd, rr = e.damage_at, e.recovery_steps
+        cols = [dd, dd + 1] + [dd + 1 + round(rr * q) for q in (0.125, 0.25, 0.5, 0.75, 1.0)]
+        cols = list(dict.fromkeys(cols))
+        titles = ["test image", f"step {dd}", "damaged"] + [f"step {s[c]}" for c in cols[2:]]
+        shown = np.concatenate([x_N[d_index[: len(frames)], None, ..., 0], frames[:, cols]], 1)
+        arrays["damage_frames_probs"] = shown.astype(np.float32)
+        figures.strips(shown, out / "damage_recovery.png",
+                       "Damage recovery: before, just after damage, regrowth", titles)
+        figures.damage_curve(s, d["ll_NxS"], e.damage_at, out / "damage_curve.png")
+        seconds["damage"] = time.perf_counter() - t0
+
+    if model.variant == "nondoubling" and e.probe_images:
+        t0 = time.perf_counter()
+        p_index = order[: min(e.probe_images, n_test)]
+        k_states, k_probe = jax.random.split(keys["probe"])
+        states = probe.final_states(model, params, x_N[p_index], p_index, k_states,
+                                    e.batch_size, progress)
+        pr = probe.linear_probe(states, y_N[p_index], k_probe, e.probe_steps,
+                                PROBE_TEST_FRACTION)
+        metrics["probe"] = {k: pr[k] for k in (
+            "accuracy", "image_accuracy", "chance", "n_train_images", "n_test_images",
+            "n_train_cells", "n_test_cells", "final_train_loss")}
+        metrics["probe"]["steps"] = e.probe_steps
+        show = pr["test_images"][:PROBE_FIGURE_IMAGES]
+        recon = figures.sigmoid(states[show, ..., 0])
+        proba = pr["test_proba_IxHxWxL"][:PROBE_FIGURE_IMAGES]
+        arrays.update(probe_train_index=p_index[pr["train_images"]],
+                      probe_test_index=p_index[pr["test_images"]],
+                      probe_figure_probs=recon.astype(np.float32),
+                      probe_figure_proba=proba.astype(np.float32),
+                      probe_figure_labels=y_N[p_index[show]])
+        figures.probe_panels(recon, proba, y_N[p_index[show]], out / "probe.png")
+        seconds["probe"] = time.perf_counter() - t0
+
+    # -- latent space: t-SNE and interpolations ------------------------------------------------
+    n_tsne = min(e.tsne_images, n_test)
+    if n_tsne >= 4:
+        t0 = time.perf_counter()
+        t_index = order[:n_tsne]
+        means = latent.encoder_means(model, params, x_N[t_index], progress=progress)
+        xy = latent.tsne(means, e.seed)
+        labels = y_N[t_index]
+        metrics["tsne"] = {
+            "n_images": int(n_tsne),
+            f"knn{KNN_NEIGHBOURS}_accuracy_latent": _knn_accuracy(means, labels,
+                                                                  KNN_NEIGHBOURS),
+            f"knn{KNN_NEIGHBOURS}_accuracy_tsne": _knn_accuracy(xy, labels, KNN_NEIGHBOURS),
+        }
+        arrays.update(tsne_xy=xy, tsne_labels=labels, tsne_index=t_index)
+        figures.tsne_scatter(xy, labels, out / "tsne.png",
+                             f"t-SNE of encoder means, {cfg.name} ({n_tsne:,} test images)")
+        seconds["tsne"] = time.perf_counter() - t0
+
+    pairs = latent.interpolation_pairs(y_N, order, e.n_interpolations)
+    if len(pairs):
+        t0 = time.perf_counter()
+        means = latent.encoder_means(model, params, x_N[pairs.reshape(-1)], progress=False)
+        logits = latent.interpolations(model, params, means.reshape(len(pairs), 2, -1),
+                                       e.interpolation_points, keys["interpolation"])
+        rows = np.concatenate([x_N[pairs[:, 0], None, ..., 0],
+                               figures.sigmoid(logits),
+                               x_N[pairs[:, 1], None, ..., 0]], axis=1)
+        arrays.update(interp_probs=rows.astype(np.float32), interp_index=pairs)
+        p = e.interpolation_points
+        titles = ["x_a"] + [f"{i}/{p - 1}" for i in range(p)] + ["x_b"]
+        figures.strips(rows, out / "interpolations.png",
+                       "Latent interpolation between encoder means of test digits", titles)
+        metrics["interpolation"] = {"n_pairs": len(pairs), "points": p,
+                                    "labels": y_N[pairs].tolist()}
+        seconds["interpolation"] = time.perf_counter() - t0
+
+    metrics["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    metrics["figures"] = sorted(f for f in artifacts.EVAL_FIGURES if (out / f).is_file())
+    _write_npz(arrays, out / artifacts.EVAL_ARRAYS)
+    metrics = _jsonable(metrics)
+    _write_json(metrics, out / artifacts.EVAL_METRICS)
+    return metrics
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return None if math.isnan(v) or math.isinf(v) else v
+    return obj

@@ -1,0 +1,127 @@
+"""The importance-weighted bound L_K on test images, batched, with one key per image.
+
+Dimension letters: N images, B images in a batch, K importance samples, Z latent, H/W image.
+
+For an image x with q(z|x) = N(mean, diag(std^2)) and K samples z_k ~ q(z|x):
+
+    L_K(x) = logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K
+
+with the sampled log-densities in every weight (never the analytic KL, trap T4). The key of
+image i is `fold_in(key, i)` with i its index in the test split, so a result does not depend on
+the batch size, on the batch an image lands in, or on which other images are scored. From that
+key come the K latent samples and one decoder key: the non-doubling NCA draws its step count
+once per image (shared by the image's K samples, as O's one-image-at-a-time `test()` does, or
+the fixed `model.eval_steps`) and an update mask per sample and step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from vnca import losses
+from vnca.models.vae import VAE
+
+
+def image_key(key: jax.Array, index) -> jax.Array:
+    """The key of the test image with index `index` (in the test split)."""
+    return jax.random.fold_in(key, index)
+
+
+def image_log_weights(model: VAE, params: dict, x_HxWx1: jax.Array, mean_Z: jax.Array,
+                      std_Z: jax.Array, key: jax.Array, k: int) -> dict:
+    """log p(x|z_k), log p(z_k), log q(z_k|x) for the K samples of one image; each [K]."""
+    k_z, k_dec = jax.random.split(key)
+    eps_KxZ = jax.random.normal(k_z, (k, mean_Z.shape[-1]), mean_Z.dtype)
+    z_KxZ = mean_Z + std_Z * eps_KxZ
+    logits_KxHxW = model.decode(params, z_KxZ, k_dec, eval_mode=True)
+    x_KxHxW = jnp.broadcast_to(x_HxWx1[..., 0], logits_KxHxW.shape)
+    return {
+        "log_px": losses.bernoulli_loglik(logits_KxHxW, x_KxHxW),
+        "log_pz": losses.std_normal_logpdf(z_KxZ),
+        "log_qz": losses.diag_gaussian_logpdf(z_KxZ, mean_Z, std_Z),
+    }
+
+
+def bound_terms(model: VAE, params: dict, x_BxHxWx1: jax.Array, index_B: jax.Array,
+                key: jax.Array, k: int) -> dict:
+    """Per-image bound L_K, the K-sample mean ELBO and mean log p(x|z); each [B]."""
+    mean_BxZ, std_BxZ = model.encode(params, x_BxHxWx1)
+    keys_B = jax.vmap(image_key, in_axes=(None, 0))(key, index_B)
+    w = jax.vmap(image_log_weights, in_axes=(None, None, 0, 0, 0, 0, None))(
+        model, params, x_BxHxWx1, mean_BxZ, std_BxZ, keys_B, k)
+    logw_BxK = w["log_px"] + w["log_pz"] - w["log_qz"]
+    return {
+        "iw": losses.iw_bound(w["log_px"], w["log_pz"], w["log_qz"]),
+        "elbo": logw_BxK.mean(axis=-1),
+        "log_px": w["log_px"].mean(axis=-1),
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def bound_fn(model: VAE, k: int) -> Callable:
+    """Jitted `bound_terms(params, x, index, key)` for a model (hashable) and K."""
+    return jax.jit(functools.partial(bound_terms, model, k=k))
+
+
+def iw_bound(model: VAE, params: dict, x_NxHxWx1: np.ndarray, index_N: np.ndarray,
+             key: jax.Array, k: int, batch_size: int, progress: bool = True) -> dict:
+    """L_K of every image, scored `batch_size` images (x K decodes) at a time; numpy [N] arrays.
+
+    The last batch is padded to the full batch size (so one program serves every batch) and the
+    padding rows are dropped. With several devices the batch is split across them.
+    """
+    n = len(x_NxHxWx1)
+    devices = jax.devices()
+    n_dev = len(devices)
+    batch_size = int(math.ceil(batch_size / n_dev) * n_dev)
+    fn = bound_fn(model, k)
+    put = _sharded_put(devices)
+    params = put(params, replicate=True)
+    out: dict[str, list] = {"iw": [], "elbo": [], "log_px": []}
+    starts = range(0, n, batch_size)
+    for start in tqdm(starts, desc=f"IW bound K={k}", unit="batch", disable=not progress,
+                      leave=False):
+        stop = min(start + batch_size, n)
+        rows = np.arange(start, start + batch_size).clip(max=stop - 1)
+        x = put(np.asarray(x_NxHxWx1[rows], np.float32))
+        idx = put(np.asarray(index_N[rows], np.int32))
+        res = jax.device_get(fn(params, x, idx, key))
+        for name, parts in out.items():
+            parts.append(np.asarray(res[name][: stop - start], np.float64))
+    return {name: (np.concatenate(v) if v else np.zeros(0)) for name, v in out.items()}
+
+
+def _sharded_put(devices: list) -> Callable:
+    """device_put that splits the leading axis over `devices` (or replicates); identity for 1."""
+    if len(devices) == 1:
+        return lambda tree, replicate=False: tree
+    mesh = Mesh(np.asarray(devices), ("data",))
+    split = NamedSharding(mesh, PartitionSpec("data"))
+    full = NamedSharding(mesh, PartitionSpec())
+
+    def put(tree, replicate: bool = False):
+        return jax.device_put(tree, full if replicate else split)
+
+    return put
+
+
+def summarize(iw_N: np.ndarray, n_pixels: int) -> dict:
+    """Mean, standard error (std with ddof=1 over sqrt(n)) and bits/dim of per-image bounds."""
+    n = len(iw_N)
+    mean = float(np.mean(iw_N)) if n else float("nan")
+    stderr = float(np.std(iw_N, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return {
+        "mean_nats": mean,
+        "stderr_nats": stderr,
+        "bits_per_dim": float(losses.nats_to_bits_per_dim(mean, n_pixels)),
+        "stderr_bits_per_dim": float(stderr / (math.log(2.0) * n_pixels)),
+        "n_pixels": int(n_pixels),
+    }

@@ -1,0 +1,202 @@
+"""Evaluation pieces against independent computations: the batched IW bound against a slow
+one-image-at-a-time float64 reference on the same keys, the damage metric on a model built so
+that damage must cost exactly a known number of nats, and the probe's split by image."""
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+from scipy.stats import norm
+
+from vnca import config
+from vnca.errors import ConfigError
+from vnca.evaluate import eval_config, eval_keys
+from vnca.evaluation import bound, damage, probe
+from vnca.models import build_model
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _cfg(variant, *overrides):
+    cfg = config.load([CONFIGS / f"{variant}.yaml", CONFIGS / "smoke.yaml"], list(overrides))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=False))
+
+
+def random_params(model, seed=0):
+    """Parameters drawn in numpy, PyTorch-style U(+-1/sqrt(fan_in)) for every layer including
+    the NCA's last one (zero at init, so a fresh NCA would do nothing). Compiling `model.init`
+    takes seconds; this takes milliseconds."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(s):
+        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else s.shape[0]
+        b = 1.0 / math.sqrt(fan_in)
+        return jnp.asarray(rng.uniform(-b, b, s.shape).astype(np.float32))
+
+    return jax.tree_util.tree_map(fill, shapes)
+
+
+def _images(n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, size, size, 1), np.float32)
+    o = (size - 28) // 2
+    x[:, o + 6:o + 22, o + 9:o + 19, 0] = rng.random((n, 16, 10)) < 0.5
+    return x
+
+
+def _reference_bound(model, params, x_HxWx1, index, key, k):
+    """The bound of one image, unbatched and unjitted, its log-densities in float64 numpy."""
+    mean_1xZ, std_1xZ = model.encode(params, jnp.asarray(x_HxWx1)[None])
+    k_z, k_dec = jax.random.split(jax.random.fold_in(key, index))
+    eps_KxZ = jax.random.normal(k_z, (k, mean_1xZ.shape[-1]))
+    z_KxZ = mean_1xZ + std_1xZ * eps_KxZ             # what the decoder sees (float32)
+    logits = np.asarray(model.decode(params, z_KxZ, k_dec, eval_mode=True), np.float64)
+    x = np.broadcast_to(x_HxWx1[..., 0], logits.shape)
+    with np.errstate(invalid="ignore"):
+        ll = np.where(x > 0.5, -np.logaddexp(0.0, -logits), -np.logaddexp(0.0, logits))
+    log_px = ll.reshape(k, -1).sum(-1)
+    z, mean, std = (np.asarray(a, np.float64) for a in (z_KxZ, mean_1xZ, std_1xZ))
+    log_pz = norm.logpdf(z).sum(-1)
+    log_qz = norm.logpdf(z, mean, std).sum(-1)
+    return logsumexp(log_px + log_pz - log_qz) - math.log(k)
+
+
+@pytest.mark.parametrize("variant, overrides", [
+    ("doubling", []),
+    ("nondoubling", []),                               # O: T drawn per image, p = 0.5 masks
+    ("baseline", []),                                  # -inf logits on the pad
+])
+def test_batched_bound_equals_one_image_reference(variant, overrides):
+    cfg = _cfg(variant, *overrides)
+    model = build_model(cfg)
+    params = random_params(model)
+    x = _images(3, cfg.data.pad_to)
+    index = np.array([7, 3, 42])                       # indices in the test split -> keys
+    key = jax.random.key(3)
+    k = 6
+    got = bound.iw_bound(model, params, x, index, key, k, batch_size=2, progress=False)
+    want = np.array([_reference_bound(model, params, x[i], index[i], key, k) for i in range(3)])
+    assert np.all(np.isfinite(want)) and np.all(want < 0)
+    np.testing.assert_allclose(got["iw"], want, rtol=1e-5, atol=2e-3)
+    # The bound sits above the K-sample mean ELBO (Jensen), per image.
+    assert np.all(got["iw"] >= got["elbo"] - 1e-4)
+    # Images in other batches, beside other images or padding, give the same numbers.
+    again = bound.iw_bound(model, params, x[::-1], index[::-1], key, k, batch_size=2,
+                           progress=False)
+    np.testing.assert_allclose(again["iw"][::-1], got["iw"], rtol=1e-6, atol=1e-4)
+    # The key belongs to the image index: another index gives other samples, another value.
+    other = bound.iw_bound(model, params, x, index + 1, key, k, batch_size=2, progress=False)
+    assert np.all(np.abs(other["iw"] - got["iw"]) > 1e-3)
+
+
+def test_bound_summary_stderr_and_bits_per_dim():
+    iw = np.array([-80.0, -90.0, -85.0, -95.0])
+    s = bound.summarize(iw, 784)
+    assert s["mean_nats"] == pytest.approx(-87.5)
+    assert s["stderr_nats"] == pytest.approx(np.sqrt(np.var(iw) * 4 / 3) / 2)
+    assert s["bits_per_dim"] == pytest.approx(87.5 / (math.log(2) * 784))
+
+
+def _saturated_nondoubling():
+    """A non-doubling model whose NCA update is exactly zero (its last conv, which has no bias,
+    set to zero) and whose encoder ignores the image: mean = (20, 0, ...), std = e^-12. The state
+    stays the seed, so every logit is 20 (p = 1 - 2e-9) until damage sets the square's to 0."""
+    cfg = _cfg("nondoubling")
+    model = build_model(cfg)
+    params = random_params(model)
+    last = params["decoder"]["Conv_1"]["kernel"]
+    params["decoder"]["Conv_1"] = {"kernel": jnp.zeros_like(last)}
+    dense = params["encoder"]["Dense_0"]
+    z = cfg.model.z_dim
+    bias = jnp.zeros_like(dense["bias"]).at[0].set(20.0).at[z:].set(-12.0)
+    params["encoder"]["Dense_0"] = {"kernel": jnp.zeros_like(dense["kernel"]), "bias": bias}
+    return cfg, model, params
+
+
+def test_damage_lowers_the_likelihood_by_the_square_of_grey_pixels():
+    cfg, model, params = _saturated_nondoubling()
+    n = cfg.data.pad_to
+    x = np.ones((3, n, n, 1), np.float32)              # every pixel on
+    x[2, :3] = 0.0                                     # third: top rows off (outside the square)
+    d_at, rec = 3, 2
+    res = damage.damage_recovery(model, params, x, np.arange(3), jax.random.key(0), d_at, rec,
+                                 batch_size=2, progress=False)
+    ll = res["ll_NxS"]
+    steps = res["steps_S"]
+    assert list(steps) == [0, 1, 2, 3, 3, 4, 5]
+    size = cfg.model.damage_size
+    top, left = damage.centred_square(n, size)
+    assert (top, left) == ((n - size) // 2,) * 2
+    # Independent numbers: logit 20 everywhere before; 0 (log 1/2 per pixel) in the square after.
+    on = x[..., 0].reshape(3, -1).sum(-1)
+    before = -(on * np.logaddexp(0, -20.0) + (n * n - on) * np.logaddexp(0, 20.0))
+    hole = np.zeros((n, n), bool)
+    hole[top:top + size, left:left + size] = True
+    on_hole = x[:, hole, 0].sum(-1)
+    after = (before + on_hole * np.logaddexp(0, -20.0)
+             + (size * size - on_hole) * np.logaddexp(0, 20.0) - size * size * math.log(2))
+    np.testing.assert_allclose(ll[:, : d_at + 1], np.repeat(before[:, None], d_at + 1, 1),
+                               rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(ll[:, d_at + 1:], np.repeat(after[:, None], rec + 1, 1),
+                               rtol=1e-5, atol=1e-3)
+    s = damage.summarize(ll, d_at)
+    assert s["after_damage"] < s["before"]
+    assert s["before"] - s["after_damage"] > 100       # all-on images lose 196 log 2 nats
+    assert s["share_images_lower_after_damage"] == 1.0
+    assert s["after_recovery"] == pytest.approx(s["after_damage"])
+
+
+def test_probe_split_keeps_every_image_on_one_side():
+    train, test = probe.split_images(50, jax.random.key(0), 0.2)
+    assert len(test) == 10 and len(train) == 40
+    assert not set(train) & set(test)
+    assert sorted(set(train) | set(test)) == list(range(50))
+    # A shuffled split: the held-out images are not the first or last block.
+    assert list(test) != list(range(10)) and list(test) != list(range(40, 50))
+
+
+def test_linear_probe_learns_a_linearly_coded_label_and_splits_by_image():
+    rng = np.random.default_rng(0)
+    n, h, w, c = 60, 4, 4, 12
+    labels = np.repeat(np.arange(10), 6)               # grouped by digit, as the test split
+    states = rng.normal(0.0, 0.3, (n, h, w, c)).astype(np.float32)
+    states[np.arange(n), :, :, labels] += 2.0           # channel = label carries the digit
+    res = probe.linear_probe(states, labels, jax.random.key(1), steps=200)
+    assert not set(res["train_cell_images"]) & set(res["test_cell_images"])
+    assert set(res["test_cell_images"]) == set(res["test_images"])
+    assert res["n_train_images"] + res["n_test_images"] == n
+    assert res["n_test_cells"] == res["n_test_images"] * h * w
+    assert res["accuracy"] > 0.97 and res["image_accuracy"] == 1.0
+    # Chance is the most frequent training label's share of the held-out cells.
+    major = np.bincount(labels[res["train_images"]], minlength=10).argmax()
+    assert res["chance"] == pytest.approx(np.mean(labels[res["test_images"]] == major))
+    # Noise states carry no label: accuracy near chance level, far below the coded case.
+    noise = rng.normal(size=(n, h, w, c)).astype(np.float32)
+    assert probe.linear_probe(noise, labels, jax.random.key(1), steps=200)["accuracy"] < 0.5
+
+
+def test_eval_config_applies_eval_overrides_and_refuses_model_keys():
+    cfg = _cfg("nondoubling")
+    got = eval_config(cfg, ["eval.n_images=5", "eval.iw_samples=3", "model.eval_steps=3"])
+    assert (got.eval.n_images, got.eval.iw_samples, got.model.eval_steps) == (5, 3, 3)
+    assert got.model.z_dim == cfg.model.z_dim
+    with pytest.raises(ConfigError, match="model.z_dim"):
+        eval_config(cfg, ["model.z_dim=8"])
+    with pytest.raises(ConfigError, match="eval.iw_samples"):
+        eval_config(cfg, ["eval.iw_samples=0"])
+    with pytest.raises(ConfigError, match="eval.nope"):
+        eval_config(cfg, ["eval.nope=1"])
+    with pytest.raises(ConfigError, match="eval.damage_at"):
+        eval_config(cfg, ["eval.damage_at=0"])
+
+
+def test_eval_keys_are_distinct_per_purpose():
+    keys = eval_keys(0)
+    data = {tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in keys.values()}
+    assert len(data) == len(keys)

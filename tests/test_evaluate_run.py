@@ -1,0 +1,208 @@
+"""`vnca evaluate` end to end on smoke models: metrics.json and arrays.npz agree with each other
+and with independent recomputation, the right figures exist, and user mistakes (missing or
+corrupt checkpoint, a model of another config, a bad override) give one line, not a traceback."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from test_evaluate import CONFIGS, random_params
+
+from vnca import artifacts, config, reference
+from vnca.cli import main
+from vnca.data import pad_images
+from vnca.evaluate import eval_keys, evaluate
+from vnca.evaluation import bound, latent
+from vnca.models import build_model
+from vnca.models.model_io import save_params
+
+N_TEST = 40
+SMALL = ["eval.n_images=6", "eval.iw_samples=3", "eval.batch_size=4", "eval.n_samples=4",
+         "eval.n_reconstructions=2", "eval.tsne_images=12", "eval.probe_images=10",
+         "eval.probe_steps=20", "eval.damage_images=4", "eval.damage_at=2",
+         "eval.recovery_steps=2", "eval.n_interpolations=2", "eval.interpolation_points=3"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _dataset(path):
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(10), N_TEST // 10).astype(np.int64)   # grouped by digit (T9)
+    x = np.zeros((N_TEST, 28, 28), np.uint8)
+    for i, label in enumerate(y):
+        x[i, 5 + label:15 + label, 8:20] = rng.random((10, 12)) < 0.6
+    arrays = {}
+    for split in artifacts.SPLITS:
+        arrays.update({f"{split}_x": x, f"{split}_y": y,
+                       f"{split}_mnist_index": np.arange(N_TEST, dtype=np.int64)})
+    path.mkdir(parents=True, exist_ok=True)
+    np.savez(path / artifacts.DATASET, **arrays)
+    return x, y
+
+
+def _model_dir(path, variant, *overrides):
+    cfg = config.load([CONFIGS / f"{variant}.yaml", CONFIGS / "smoke.yaml"], list(overrides))
+    path.mkdir(parents=True, exist_ok=True)
+    config.save(cfg, path / artifacts.RESOLVED_CONFIG)
+    save_params(path / artifacts.PARAMS, random_params(build_model(cfg)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def nondoubling_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    x, y = _dataset(root / "data")
+    model_dir = _model_dir(root / "model", "nondoubling")
+    out = root / "out"
+    metrics = evaluate(model_dir, root / "data", out, SMALL, progress=False)
+    with np.load(out / artifacts.EVAL_ARRAYS, allow_pickle=False) as npz:
+        arrays = dict(npz)
+    return {"root": root, "x": x, "y": y, "model_dir": model_dir, "out": out,
+            "metrics": metrics, "arrays": arrays}
+
+
+def test_metrics_file_and_bound_numbers(nondoubling_run):
+    r = nondoubling_run
+    m, a = r["metrics"], r["arrays"]
+    assert json.loads((r["out"] / artifacts.EVAL_METRICS).read_text()) == m
+    assert (m["variant"], m["name"], m["smoke"]) == ("nondoubling", "nondoubling", True)
+    iw = m["iwelbo"]
+    assert (iw["k"], iw["n_images"], iw["n_pixels"]) == (3, 6, reference.MNIST_PIXELS)
+    nats = a["iw_nats"].astype(np.float64)
+    assert nats.shape == (6,)
+    assert iw["mean_nats"] == pytest.approx(nats.mean(), abs=1e-3)
+    assert iw["stderr_nats"] == pytest.approx(nats.std(ddof=1) / math.sqrt(6), rel=1e-4)
+    assert iw["bits_per_dim"] == pytest.approx(-iw["mean_nats"] / (math.log(2) * 784))
+    # A shuffled subset of the grouped test split, not its first images.
+    idx = a["iw_index"]
+    assert len(set(idx)) == 6 and idx.max() < N_TEST
+    assert len(set(r["y"][idx])) > 1
+    # The stored per-image numbers are the bound of those images under the documented keys.
+    cfg, _, params = _load(r["model_dir"])
+    model = build_model(cfg)
+    x = pad_images(r["x"][idx], cfg.data.pad_to)
+    again = bound.iw_bound(model, params, x, idx, eval_keys(0)["iwelbo"], 3, 5, progress=False)
+    np.testing.assert_allclose(a["iw_nats"], again["iw"], rtol=1e-5)
+
+
+def _load(model_dir):
+    from vnca.models.model_io import load_model
+
+    return load_model(model_dir)
+
+
+def test_damage_probe_tsne_interpolation_arrays(nondoubling_run):
+    r = nondoubling_run
+    m, a, y = r["metrics"], r["arrays"], r["y"]
+    # Damage: steps 0..2, the damaged state at 2, then 3..4; means per column.
+    assert list(a["damage_curve_steps"]) == [0, 1, 2, 2, 3, 4]
+    ll = a["damage_ll"].astype(np.float64)
+    assert ll.shape == (4, 6)
+    np.testing.assert_allclose(a["damage_curve_ll"], ll.mean(0), rtol=1e-5)
+    d = m["damage"]
+    assert (d["n_images"], d["damage_at"], d["recovery_steps"]) == (4, 2, 2)
+    assert d["before"] == pytest.approx(ll[:, 2].mean(), rel=1e-5)
+    assert d["after_damage"] == pytest.approx(ll[:, 3].mean(), rel=1e-5)
+    assert d["after_recovery"] == pytest.approx(ll[:, -1].mean(), rel=1e-5)
+    # Probe: split by image, nothing on both sides.
+    p = m["probe"]
+    tr, te = set(a["probe_train_index"]), set(a["probe_test_index"])
+    assert not tr & te and len(tr | te) == 10
+    assert (p["n_train_images"], p["n_test_images"]) == (len(tr), len(te))
+    assert p["n_test_cells"] == len(te) * 28 * 28
+    assert 0.0 <= p["accuracy"] <= 1.0 and 0.0 <= p["chance"] <= 1.0
+    # t-SNE: a shuffled subset coloured by the matched labels of the same images.
+    assert a["tsne_xy"].shape == (12, 2) and m["tsne"]["n_images"] == 12
+    np.testing.assert_array_equal(a["tsne_labels"], y[a["tsne_index"]])
+    assert len(set(a["tsne_index"])) == 12
+    # Interpolations: pairs of different digits; the rows start and end at the two images.
+    pairs = a["interp_index"]
+    assert pairs.shape == (2, 2) and np.all(y[pairs[:, 0]] != y[pairs[:, 1]])
+    assert a["interp_probs"].shape == (2, 3 + 2, 28, 28)
+    np.testing.assert_array_equal(a["interp_probs"][:, 0], r["x"][pairs[:, 0]])
+    np.testing.assert_array_equal(a["interp_probs"][:, -1], r["x"][pairs[:, 1]])
+    assert a["samples_probs"].shape == (4, 28, 28)
+    assert set(np.unique(a["samples_binary"])) <= {0, 1}
+
+
+def test_every_figure_of_the_variant_is_a_png(nondoubling_run):
+    out = nondoubling_run["out"]
+    for name in artifacts.EVAL_FIGURES:
+        assert (out / name).read_bytes()[:8] == PNG, name
+    assert nondoubling_run["metrics"]["figures"] == sorted(artifacts.EVAL_FIGURES)
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_baseline_writes_only_its_figures(tmp_path):
+    _dataset(tmp_path / "data")
+    model_dir = _model_dir(tmp_path / "model", "baseline")
+    small = SMALL + ["eval.tsne_images=0", "eval.n_interpolations=0"]
+    m = evaluate(model_dir, tmp_path / "data", tmp_path / "out", small, progress=False)
+    assert m["variant"] == "baseline" and math.isfinite(m["iwelbo"]["mean_nats"])
+    assert not {"damage", "probe", "growth", "tsne"} & set(m)
+    assert m["figures"] == ["reconstructions.png", "samples.png", "samples_binary.png"]
+
+
+def test_doubling_growth_ends_at_the_decoded_image():
+    cfg = config.load([CONFIGS / "doubling.yaml", CONFIGS / "smoke.yaml"])
+    model = build_model(cfg)
+    params = random_params(model)
+    z = np.random.default_rng(0).normal(size=(2, cfg.model.z_dim)).astype(np.float32)
+    key = jax.random.key(5)
+    frames = latent.growth(model, params, z, key)
+    assert frames.shape == (1 + cfg.model.n_doublings * cfg.model.steps_per_stage, 2, 32, 32)
+    _, k_grow = jax.random.split(key)
+    np.testing.assert_allclose(frames[-1], model.decode(params, z, k_grow), rtol=1e-5,
+                               atol=1e-5)
+
+
+def _cli(capsys, *args):
+    rc = main(["evaluate", *args])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def _one_line_error(rc, err, *needles):
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vnca evaluate: error:"), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_user_mistakes_give_one_line(tmp_path, capsys):
+    _dataset(tmp_path / "data")
+    data = str(tmp_path / "data")
+    out = tmp_path / "out"
+    rc, err = _cli(capsys, "--model", str(tmp_path / "nope"), "--data", data, "--out", str(out))
+    _one_line_error(rc, err, "nope", "not found")
+
+    good = _model_dir(tmp_path / "good", "nondoubling")
+    corrupt = _model_dir(tmp_path / "corrupt", "nondoubling")
+    (corrupt / artifacts.PARAMS).write_bytes(b"\x00garbage")
+    rc, err = _cli(capsys, "--model", str(corrupt), "--data", data, "--out", str(out))
+    _one_line_error(rc, err, artifacts.PARAMS, "corrupt")
+
+    other = _model_dir(tmp_path / "other", "nondoubling")
+    cfg = config.load([CONFIGS / "nondoubling.yaml", CONFIGS / "smoke.yaml"], ["model.z_dim=8"])
+    config.save(cfg, other / artifacts.RESOLVED_CONFIG)   # params are for z_dim = 16
+    rc, err = _cli(capsys, "--model", str(other), "--data", data, "--out", str(out))
+    _one_line_error(rc, err, "different config")
+
+    (good / artifacts.PARAMS).unlink()
+    rc, err = _cli(capsys, "--model", str(good), "--data", data, "--out", str(out))
+    _one_line_error(rc, err, artifacts.PARAMS, "missing")
+
+    model = _model_dir(tmp_path / "model", "nondoubling")
+    rc, err = _cli(capsys, "--model", str(model), "--data", data, "--out", str(out),
+                   "--set", "model.z_dim=8")
+    _one_line_error(rc, err, "model.z_dim")
+    rc, err = _cli(capsys, "--model", str(model), "--data", data, "--out", str(out),
+                   "--set", "eval.iw_samples=many")
+    _one_line_error(rc, err, "eval.iw_samples")
+    rc, err = _cli(capsys, "--model", str(model), "--data", str(tmp_path / "nodata"),
+                   "--out", str(out))
+    _one_line_error(rc, err, "nodata")
+    assert not (out / artifacts.EVAL_METRICS).exists()

@@ -1,0 +1,217 @@
+"""Training library: keys, optimizer order, data order, pool loss, the loop's files, resume,
+no-op rerun, config mismatch and divergence (in-process, 1 CPU device, tiny configs)."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vnca import artifacts, config, losses, pool, rng, train
+from vnca.errors import ConfigError
+from vnca.models import build_model
+from vnca.models.model_io import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def make_dataset(path: Path, n_train=48, n_valid=16, n_test=8, seed=0) -> Path:
+    """A tiny dataset.npz with the artifact's keys: 28x28 uint8 rectangles."""
+    rs = np.random.default_rng(seed)
+    d = {}
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        x = np.zeros((n, 28, 28), np.uint8)
+        for i in range(n):
+            r, c = rs.integers(4, 18, 2)
+            x[i, r:r + 8, c:c + 6] = 1
+        d[f"{split}_x"] = x
+        d[f"{split}_y"] = rs.integers(0, 10, n).astype(np.int64)
+        d[f"{split}_mnist_index"] = np.arange(n, dtype=np.int64)
+    path.mkdir(parents=True, exist_ok=True)
+    np.savez(path / artifacts.DATASET, **d)
+    return path
+
+
+def smoke_cfg(variant: str, *overrides: str) -> config.Config:
+    return config.load([ROOT / "configs" / f"{variant}.yaml", SMOKE], list(overrides))
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+def test_named_keys_are_distinct_and_seeded():
+    k0, k1 = rng.named_keys(0), rng.named_keys(1)
+    assert set(k0) == {"init", "data", "train", "valid", "eval"}
+    raw0 = [tuple(np.asarray(jax.random.key_data(k)).tolist()) for k in k0.values()]
+    raw1 = [tuple(np.asarray(jax.random.key_data(k)).tolist()) for k in k1.values()]
+    assert len(set(raw0)) == len(raw0)
+    assert not set(raw0) & set(raw1)
+    assert raw0 == [tuple(np.asarray(jax.random.key_data(k)).tolist())
+                    for k in rng.named_keys(0).values()]
+
+
+# -- optimizer: clip before Adam (O) vs after (R), trap T1 --------------------------------------
+
+def _adam_numpy(grads, lr, b1=0.9, b2=0.999, eps=1e-8):
+    m = v = 0.0
+    out = []
+    for t, g in enumerate(grads, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        out.append(-lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps))
+    return out
+
+
+def test_clip_before_adam_clips_gradients():
+    tc = config.TrainConfig(learning_rate=1e-2, clip_norm=1.0, clip_order="before_adam")
+    tx = train.make_optimizer(tc)
+    g1, g2 = np.array([30.0, 40.0]), np.array([0.3, -0.1])  # |g1| = 50 -> clipped to 1
+    params = jnp.zeros(2)
+    st = tx.init(params)
+    u1, st = tx.update(jnp.asarray(g1), st, params)
+    u2, st = tx.update(jnp.asarray(g2), st, params)
+    want = _adam_numpy([g1 / 50.0, g2], 1e-2)
+    np.testing.assert_allclose(u1, want[0], rtol=1e-4)
+    np.testing.assert_allclose(u2, want[1], rtol=1e-4)
+    # unclipped Adam gives a different second step: the clip matters
+    assert not np.allclose(_adam_numpy([g1, g2], 1e-2)[1], want[1], rtol=1e-3)
+
+
+def test_clip_after_adam_clips_updates():
+    tc = config.TrainConfig(learning_rate=1e-2, clip_norm=1e-3, clip_order="after_adam")
+    tx = train.make_optimizer(tc)
+    params = jnp.zeros(2)
+    u, _ = tx.update(jnp.asarray([30.0, 40.0]), tx.init(params), params)
+    # Adam's first update is -lr * sign(g) (norm 1.4e-2), clipped to norm 1e-3
+    np.testing.assert_allclose(np.linalg.norm(u), 1e-3, rtol=1e-5)
+    np.testing.assert_allclose(u / np.linalg.norm(u), -np.ones(2) / np.sqrt(2), rtol=1e-5)
+
+
+# -- data order ---------------------------------------------------------------------------------
+
+def test_data_order_is_a_function_of_the_step_and_covers_each_epoch():
+    key = rng.named_keys(0)["data"]
+    order = train.DataOrder(key, n=10, batch_size=4)
+    stream = np.concatenate([order.indices(s) for s in range(5)])  # 20 = two epochs
+    assert sorted(stream[:10].tolist()) == list(range(10))
+    assert sorted(stream[10:].tolist()) == list(range(10))
+    assert stream[:10].tolist() != stream[10:].tolist()  # a new permutation each epoch
+    # a fresh instance (a resumed run) gives the same batch for a step
+    np.testing.assert_array_equal(train.DataOrder(key, 10, 4).indices(3), stream[12:16])
+
+
+# -- pool loss ----------------------------------------------------------------------------------
+
+def test_pool_loss_uses_pool_images_and_states_and_damages_the_first_pool_rows():
+    cfg = smoke_cfg("nondoubling", "model.damage_size=4")
+    model = build_model(cfg)
+    params = model.init(jax.random.key(0))  # zero-init last conv: growth leaves states as is
+    b, n = cfg.train.batch_size, cfg.data.pad_to
+    n_pool, n_damage = pool.pool_rows(cfg)
+    assert (n_pool, n_damage) == (4, 2)
+    p = pool.init_pool(cfg.train.pool.size, n, cfg.model.z_dim)
+    rs = np.random.default_rng(0)
+    p["states"] = jnp.asarray(rs.normal(size=p["states"].shape).astype(np.float32))
+    p["images"] = jnp.asarray((rs.random(p["images"].shape) > 0.5).astype(np.float32))
+    p["filled"] = p["filled"].at[:3].set(True)  # slot 3 is empty: row 7 stays fresh
+    x = jnp.zeros((b, n, n, 1))
+    loss, aux = jax.jit(lambda *a: train.pool_loss(model, cfg, *a))(params, x, p,
+                                                                    jax.random.key(1))
+    s = np.asarray(aux["states"])
+    # rows 4, 5 (damaged) and 6 come from slots 0, 1, 2; rows 0-3 and 7 are fresh seeds
+    np.testing.assert_array_equal(aux["images"][4:7], p["images"][:3])
+    np.testing.assert_array_equal(aux["images"][7], x[7])
+    np.testing.assert_array_equal(s[6], p["states"][2])
+    for row, slot in ((4, 0), (5, 1)):
+        zero = np.all(s[row] == 0, axis=-1)
+        assert zero.sum() == 16  # one 4x4 square of cells
+        np.testing.assert_array_equal(s[row][~zero], np.asarray(p["states"][slot])[~zero])
+    for row in (0, 7):  # seeds: z in every cell
+        np.testing.assert_allclose(s[row], np.broadcast_to(s[row][0, 0], s[row].shape))
+    log_px = losses.bernoulli_loglik(jnp.asarray(s[..., 0]), aux["images"][..., 0])
+    np.testing.assert_allclose(aux["metrics"]["recon"], log_px.mean(), rtol=1e-5)
+    np.testing.assert_allclose(loss, aux["metrics"]["kl"] - aux["metrics"]["recon"], rtol=1e-5)
+    assert float(aux["metrics"]["pool_rows"]) == 3
+
+
+# -- the loop: files, resume, no-op, errors ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+FAST = ("train.checkpoint_every=2", "train.log_every=2", "train.val_every=3",
+        "train.val_images=8", "train.batch_size=4", "train.pool.size=8")
+
+
+def test_train_writes_contract_files_and_resumes_to_the_same_params(data_dir, tmp_path):
+    cfg = smoke_cfg("nondoubling", *FAST)
+    full = train.train_and_evaluate(cfg, data_dir=data_dir, out_dir=tmp_path / "a", steps=4)
+    assert full["variant"] == "nondoubling" and full["steps"] == 4
+    for key in ("name", "wall_time_s", "hardware", "n_devices", "smoke", "param_count",
+                "final_loss"):
+        assert key in full
+    a = tmp_path / "a"
+    assert json.loads((a / artifacts.TRAIN_SUMMARY).read_text()) == full
+    saved_cfg = config.loads((a / artifacts.RESOLVED_CONFIG).read_text())
+    assert saved_cfg.train.steps == 4 and saved_cfg.model == cfg.model
+    recs = [json.loads(line) for line in (a / artifacts.TRAIN_METRICS).read_text().splitlines()]
+    train_recs = [r for r in recs if "split" not in r]
+    val_recs = [r for r in recs if r.get("split") == "valid"]
+    assert [r["step"] for r in train_recs] == [2, 4]
+    assert [r["step"] for r in val_recs] == [3, 4]
+    for r in train_recs:
+        assert set(r) >= {"loss", "kl", "recon", "elbo", "grad_norm", "images_per_s",
+                          "elapsed_s"}
+        np.testing.assert_allclose(r["loss"], r["kl"] - r["recon"], rtol=1e-5)  # beta = 1
+    assert all(np.isfinite(r["val_elbo"]) and r["val_images"] == 8 for r in val_recs)
+    assert sorted(int(p.name) for p in (a / artifacts.CHECKPOINTS).iterdir()
+                  if p.name.isdigit()) == [2, 4]
+    _, model, params = load_model(a)
+    assert model.variant == "nondoubling"
+
+    # Train 2 steps into b, then resume to 4: the same parameters as the run straight to 4.
+    b = tmp_path / "b"
+    train.train_and_evaluate(cfg, data_dir=data_dir, out_dir=b, steps=2)
+    resumed = train.train_and_evaluate(cfg, data_dir=data_dir, out_dir=b, steps=4)
+    assert resumed["steps"] == 4
+    _, _, params_b = load_model(b)
+    for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params_b)):
+        np.testing.assert_array_equal(x, y)
+    steps_b = [json.loads(line)["step"] for line in (b / artifacts.TRAIN_METRICS).read_text()
+               .splitlines() if "split" not in json.loads(line)]
+    assert steps_b == [2, 4]
+
+    # A finished run is a no-op: same summary, files untouched.
+    mtime = (a / artifacts.PARAMS).stat().st_mtime_ns
+    assert train.train_and_evaluate(cfg, data_dir=data_dir, out_dir=a, steps=4) == full
+    assert (a / artifacts.PARAMS).stat().st_mtime_ns == mtime
+
+    # Resuming with a different model is refused with one line naming the file and the key.
+    with pytest.raises(ConfigError, match=r"config.yaml.*model.z_dim"):
+        train.train_and_evaluate(smoke_cfg("nondoubling", *FAST, "model.z_dim=8"),
+                                 data_dir=data_dir, out_dir=a, steps=6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    cfg = smoke_cfg("baseline", "train.checkpoint_every=1", "train.log_every=1",
+                    "train.val_every=0", "train.batch_size=4", "train.learning_rate=1e30")
+    with pytest.raises(train.TrainingDivergedError, match=r"step \d+.*last good checkpoint"):
+        train.train_and_evaluate(cfg, data_dir=data_dir, out_dir=tmp_path, steps=10)
+    ckpts = sorted(int(p.name) for p in (tmp_path / artifacts.CHECKPOINTS).iterdir()
+                   if p.name.isdigit())
+    assert ckpts and max(ckpts) < 10
+    assert not (tmp_path / artifacts.PARAMS).exists()
+    recs = [json.loads(line) for line in (tmp_path / artifacts.TRAIN_METRICS).read_text()
+            .splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in recs)
+    assert max(r["step"] for r in recs) == max(ckpts)
+
+
+def test_batch_must_divide_over_devices():
+    cfg = smoke_cfg("doubling", "train.batch_size=6")
+    with pytest.raises(ConfigError, match="train.batch_size=6.*4"):
+        train.check_batch(cfg, 4)
