@@ -3,7 +3,11 @@ one-image-at-a-time float64 reference on the same keys, the damage metric on a m
 that damage must cost exactly a known number of nats, and the probe's split by image."""
 
 import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -50,13 +54,23 @@ def _images(n, size, seed=0):
     return x
 
 
-def _reference_bound(model, params, x_HxWx1, index, key, k):
-    """The bound of one image, unbatched and unjitted, its log-densities in float64 numpy."""
+def _reference_bound(model, params, x_HxWx1, index, key, k, chunk=None):
+    """The bound of one image, unbatched and unjitted, its log-densities in float64 numpy.
+    With `chunk`, the samples are decoded in a Python loop with the documented keys: the step
+    count that `decode` would draw, chunk c's masks from split(split(k_dec)[1], K / chunk)[c]."""
     mean_1xZ, std_1xZ = model.encode(params, jnp.asarray(x_HxWx1)[None])
     k_z, k_dec = jax.random.split(jax.random.fold_in(key, index))
     eps_KxZ = jax.random.normal(k_z, (k, mean_1xZ.shape[-1]))
     z_KxZ = mean_1xZ + std_1xZ * eps_KxZ             # what the decoder sees (float32)
-    logits = np.asarray(model.decode(params, z_KxZ, k_dec, eval_mode=True), np.float64)
+    if chunk is None:
+        logits = np.asarray(model.decode(params, z_KxZ, k_dec, eval_mode=True), np.float64)
+    else:
+        k_t, k_grow = jax.random.split(k_dec)
+        n_steps = int(model.sample_n_steps(k_t, eval_mode=True))
+        keys = jax.random.split(k_grow, k // chunk)
+        logits = np.concatenate([np.asarray(model.decode(
+            params, z_KxZ[c * chunk:(c + 1) * chunk], keys[c], n_steps=n_steps, eval_mode=True))
+            for c in range(k // chunk)]).astype(np.float64)
     x = np.broadcast_to(x_HxWx1[..., 0], logits.shape)
     with np.errstate(invalid="ignore"):
         ll = np.where(x > 0.5, -np.logaddexp(0.0, -logits), -np.logaddexp(0.0, logits))
@@ -67,32 +81,58 @@ def _reference_bound(model, params, x_HxWx1, index, key, k):
     return logsumexp(log_px + log_pz - log_qz) - math.log(k)
 
 
-@pytest.mark.parametrize("variant, overrides", [
-    ("doubling", []),
-    ("nondoubling", []),                               # O: T drawn per image, p = 0.5 masks
-    ("baseline", []),                                  # -inf logits on the pad
+@pytest.mark.parametrize("variant, chunk", [
+    ("doubling", None),
+    ("nondoubling", None),                             # O: T drawn per image, p = 0.5 masks
+    ("nondoubling", 4),                                # the K samples decoded 4 at a time
+    ("baseline", None),                                # -inf logits on the pad
 ])
-def test_batched_bound_equals_one_image_reference(variant, overrides):
-    cfg = _cfg(variant, *overrides)
+def test_batched_bound_equals_one_image_reference(variant, chunk):
+    cfg = _cfg(variant)
     model = build_model(cfg)
     params = random_params(model)
     x = _images(3, cfg.data.pad_to)
     index = np.array([7, 3, 42])                       # indices in the test split -> keys
     key = jax.random.key(3)
-    k = 6
-    got = bound.iw_bound(model, params, x, index, key, k, batch_size=2, progress=False)
-    want = np.array([_reference_bound(model, params, x[i], index[i], key, k) for i in range(3)])
+    k = 8
+    got = bound.iw_bound(model, params, x, index, key, k, batch_size=2, progress=False,
+                         chunk=chunk)
+    want = np.array([_reference_bound(model, params, x[i], index[i], key, k, chunk)
+                     for i in range(3)])
     assert np.all(np.isfinite(want)) and np.all(want < 0)
     np.testing.assert_allclose(got["iw"], want, rtol=1e-5, atol=2e-3)
     # The bound sits above the K-sample mean ELBO (Jensen), per image.
     assert np.all(got["iw"] >= got["elbo"] - 1e-4)
     # Images in other batches, beside other images or padding, give the same numbers.
     again = bound.iw_bound(model, params, x[::-1], index[::-1], key, k, batch_size=2,
-                           progress=False)
+                           progress=False, chunk=chunk)
     np.testing.assert_allclose(again["iw"][::-1], got["iw"], rtol=1e-6, atol=1e-4)
     # The key belongs to the image index: another index gives other samples, another value.
-    other = bound.iw_bound(model, params, x, index + 1, key, k, batch_size=2, progress=False)
+    other = bound.iw_bound(model, params, x, index + 1, key, k, batch_size=2, progress=False,
+                           chunk=chunk)
     assert np.all(np.abs(other["iw"] - got["iw"]) > 1e-3)
+
+
+@pytest.mark.parametrize("variant, overrides", [
+    ("doubling", []),
+    ("nondoubling", ["model.update_prob=1.0"]),        # no masks: only T could differ
+])
+def test_decoding_samples_in_chunks_changes_nothing_deterministic(variant, overrides):
+    cfg = _cfg(variant, *overrides)
+    model = build_model(cfg)
+    params = random_params(model)
+    z = np.random.default_rng(1).normal(size=(8, cfg.model.z_dim)).astype(np.float32)
+    key = jax.random.key(4)
+    whole = bound.decode_samples(model, params, z, key)
+    chunked = jax.jit(lambda p, z, k: bound.decode_samples(model, p, z, k, chunk=2))(
+        params, z, key)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_chunk_divides_k():
+    assert bound.sample_chunk(128) == bound.SAMPLE_CHUNK == 16
+    assert bound.sample_chunk(100) == 10 and bound.sample_chunk(96) == 16
+    assert bound.sample_chunk(8) is None and bound.sample_chunk(17) is None
 
 
 def test_bound_summary_stderr_and_bits_per_dim():
@@ -200,3 +240,34 @@ def test_eval_keys_are_distinct_per_purpose():
     keys = eval_keys(0)
     data = {tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in keys.values()}
     assert len(data) == len(keys)
+
+
+SHARDED_SCRIPT = r"""
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+import numpy as np
+sys.path.insert(0, "tests")
+from test_evaluate import _cfg, _images, random_params
+from vnca.evaluation import bound
+from vnca.models import build_model
+
+model = build_model(_cfg("doubling"))
+params = random_params(model)
+x, index, key = _images(6, 32), np.arange(6) * 5, jax.random.key(2)
+one = bound.iw_bound(model, params, x, index, key, 3, 3, False, jax.devices()[:1])
+four = bound.iw_bound(model, params, x, index, key, 3, 3, False, jax.devices())
+print(json.dumps({"n": jax.device_count(), "one": one["iw"].tolist(),
+                  "four": four["iw"].tolist()}))
+"""
+
+
+def test_bound_split_over_four_devices_equals_one_device():
+    """JAX fixes its device count at start-up, so the 4 fake CPU devices live in a subprocess."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=CONFIGS.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["n"] == 4 and len(res["four"]) == 6      # batch 3 rounded up to 4, padded
+    np.testing.assert_allclose(res["four"], res["one"], rtol=1e-5)

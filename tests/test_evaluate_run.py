@@ -82,7 +82,8 @@ def test_metrics_file_and_bound_numbers(nondoubling_run):
     cfg, _, params = _load(r["model_dir"])
     model = build_model(cfg)
     x = pad_images(r["x"][idx], cfg.data.pad_to)
-    again = bound.iw_bound(model, params, x, idx, eval_keys(0)["iwelbo"], 3, 5, progress=False)
+    again = bound.iw_bound(model, params, x, idx, eval_keys(0)["iwelbo"], 3, 5, progress=False,
+                           chunk=bound.sample_chunk(3))
     np.testing.assert_allclose(a["iw_nats"], again["iw"], rtol=1e-5)
 
 

@@ -99,10 +99,12 @@ def _write_npz(arrays: dict, path: Path) -> None:
 def _knn_accuracy(points_NxD: np.ndarray, labels_N: np.ndarray, k: int) -> float:
     """Leave-one-out accuracy of a k-nearest-neighbour majority vote (ties: smallest label)."""
     from sklearn.neighbors import NearestNeighbors
+    from threadpoolctl import threadpool_limits
 
     k = min(k, len(points_NxD) - 1)
-    nn = NearestNeighbors(n_neighbors=k + 1).fit(points_NxD)
-    _, idx = nn.kneighbors(points_NxD)
+    with threadpool_limits(1):  # see latent.tsne
+        nn = NearestNeighbors(n_neighbors=k + 1).fit(points_NxD)
+        _, idx = nn.kneighbors(points_NxD)
     neigh = labels_N[idx[:, 1:]]
     votes = np.stack([np.bincount(r, minlength=10) for r in neigh])
     return float(np.mean(votes.argmax(-1) == labels_N))
@@ -155,8 +157,9 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
     t0 = time.perf_counter()
     n_bound = n_test if e.n_images is None else min(e.n_images, n_test)
     iw_index = np.arange(n_test) if n_bound == n_test else np.sort(order[:n_bound])
+    chunk = bound.sample_chunk(e.iw_samples)
     res = bound.iw_bound(model, params, x_N[iw_index], iw_index, keys["iwelbo"],
-                         e.iw_samples, e.batch_size, progress)
+                         e.iw_samples, e.batch_size, progress, chunk=chunk)
     seconds["iwelbo"] = time.perf_counter() - t0
     metrics["iwelbo"] = {
         "k": e.iw_samples,
@@ -165,6 +168,7 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
         "elbo_mean_nats": float(np.mean(res["elbo"])),
         "log_px_mean_nats": float(np.mean(res["log_px"])),
         "batch_size": e.batch_size,
+        "sample_chunk": chunk or e.iw_samples,
         "images_per_second": n_bound / seconds["iwelbo"],
         "paper_nats": reference.PAPER_NATS.get(model.variant),
         "reproduction_nats": reference.REPRODUCTION_NATS.get(model.variant),

@@ -30,18 +30,55 @@ from vnca import losses
 from vnca.models.vae import VAE
 
 
+# Samples of one image decoded together. A smaller working set is faster on a CPU (measured in
+# bench/bench_iwelbo.py) and needs less memory on any device; batches of images still fill wide
+# devices (eval.batch_size images x SAMPLE_CHUNK decodes per step).
+SAMPLE_CHUNK = 16
+
+
+def sample_chunk(k: int, limit: int = SAMPLE_CHUNK) -> int | None:
+    """The largest divisor of K that is at most `limit`; None (decode all K at once) when K is
+    at most `limit` or has no divisor in [limit / 2, limit]."""
+    if k <= limit:
+        return None
+    best = max(d for d in range(1, limit + 1) if k % d == 0)
+    return best if 2 * best >= limit else None
+
+
 def image_key(key: jax.Array, index) -> jax.Array:
     """The key of the test image with index `index` (in the test split)."""
     return jax.random.fold_in(key, index)
 
 
+def decode_samples(model: VAE, params: dict, z_KxZ: jax.Array, key: jax.Array,
+                   chunk: int | None = None) -> jax.Array:
+    """Logits `KxHxW` of one image's K samples at evaluation settings, all at once or `chunk`
+    at a time (`lax.map`, a smaller working set). Chunked, the non-doubling NCA keeps the one
+    step count `VAE.decode` would draw from `key` and takes chunk c's masks from
+    `split(key)[1]` split per chunk."""
+    k = z_KxZ.shape[0]
+    if not chunk or chunk >= k:
+        return model.decode(params, z_KxZ, key, eval_mode=True)
+    if k % chunk:
+        raise ValueError(f"K={k} is not a multiple of the sample chunk {chunk}")
+    k_t, k_grow = jax.random.split(key)
+    n_steps = model.sample_n_steps(k_t, eval_mode=True) if model.variant == "nondoubling" \
+        else None
+    keys_C = jax.random.split(k_grow, k // chunk)
+    z_CxJxZ = z_KxZ.reshape(k // chunk, chunk, z_KxZ.shape[-1])
+    logits = jax.lax.map(
+        lambda a: model.decode(params, a[0], a[1], n_steps=n_steps, eval_mode=True),
+        (z_CxJxZ, keys_C))
+    return logits.reshape(k, *logits.shape[2:])
+
+
 def image_log_weights(model: VAE, params: dict, x_HxWx1: jax.Array, mean_Z: jax.Array,
-                      std_Z: jax.Array, key: jax.Array, k: int) -> dict:
+                      std_Z: jax.Array, key: jax.Array, k: int, chunk: int | None = None) -> dict:
     """log p(x|z_k), log p(z_k), log q(z_k|x) for the K samples of one image; each [K]."""
     k_z, k_dec = jax.random.split(key)
     eps_KxZ = jax.random.normal(k_z, (k, mean_Z.shape[-1]), mean_Z.dtype)
     z_KxZ = mean_Z + std_Z * eps_KxZ
-    logits_KxHxW = model.decode(params, z_KxZ, k_dec, eval_mode=True)
+    logits_KxHxW = decode_samples(model, params, z_KxZ, k_dec, chunk)
     x_KxHxW = jnp.broadcast_to(x_HxWx1[..., 0], logits_KxHxW.shape)
     return {
         "log_px": losses.bernoulli_loglik(logits_KxHxW, x_KxHxW),
@@ -51,12 +88,12 @@ def image_log_weights(model: VAE, params: dict, x_HxWx1: jax.Array, mean_Z: jax.
 
 
 def bound_terms(model: VAE, params: dict, x_BxHxWx1: jax.Array, index_B: jax.Array,
-                key: jax.Array, k: int) -> dict:
+                key: jax.Array, k: int, chunk: int | None = None) -> dict:
     """Per-image bound L_K, the K-sample mean ELBO and mean log p(x|z); each [B]."""
     mean_BxZ, std_BxZ = model.encode(params, x_BxHxWx1)
     keys_B = jax.vmap(image_key, in_axes=(None, 0))(key, index_B)
-    w = jax.vmap(image_log_weights, in_axes=(None, None, 0, 0, 0, 0, None))(
-        model, params, x_BxHxWx1, mean_BxZ, std_BxZ, keys_B, k)
+    w = jax.vmap(image_log_weights, in_axes=(None, None, 0, 0, 0, 0, None, None))(
+        model, params, x_BxHxWx1, mean_BxZ, std_BxZ, keys_B, k, chunk)
     logw_BxK = w["log_px"] + w["log_pz"] - w["log_qz"]
     return {
         "iw": losses.iw_bound(w["log_px"], w["log_pz"], w["log_qz"]),
@@ -66,23 +103,25 @@ def bound_terms(model: VAE, params: dict, x_BxHxWx1: jax.Array, index_B: jax.Arr
 
 
 @functools.lru_cache(maxsize=8)
-def bound_fn(model: VAE, k: int) -> Callable:
-    """Jitted `bound_terms(params, x, index, key)` for a model (hashable) and K."""
-    return jax.jit(functools.partial(bound_terms, model, k=k))
+def bound_fn(model: VAE, k: int, chunk: int | None = None) -> Callable:
+    """Jitted `bound_terms(params, x, index, key)` for a model (hashable), K and chunk."""
+    return jax.jit(functools.partial(bound_terms, model, k=k, chunk=chunk))
 
 
 def iw_bound(model: VAE, params: dict, x_NxHxWx1: np.ndarray, index_N: np.ndarray,
-             key: jax.Array, k: int, batch_size: int, progress: bool = True) -> dict:
+             key: jax.Array, k: int, batch_size: int, progress: bool = True,
+             devices: list | None = None, chunk: int | None = None) -> dict:
     """L_K of every image, scored `batch_size` images (x K decodes) at a time; numpy [N] arrays.
 
     The last batch is padded to the full batch size (so one program serves every batch) and the
-    padding rows are dropped. With several devices the batch is split across them.
+    padding rows are dropped. With several devices (default: all) each batch is split across
+    them, its size rounded up to a multiple of their number.
     """
     n = len(x_NxHxWx1)
-    devices = jax.devices()
+    devices = list(devices or jax.devices())
     n_dev = len(devices)
     batch_size = int(math.ceil(batch_size / n_dev) * n_dev)
-    fn = bound_fn(model, k)
+    fn = bound_fn(model, k, chunk)
     put = _sharded_put(devices)
     params = put(params, replicate=True)
     out: dict[str, list] = {"iw": [], "elbo": [], "log_px": []}

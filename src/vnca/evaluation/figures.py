@@ -51,7 +51,8 @@ def _grid_rows(images_NxHxW: np.ndarray, cols: int) -> np.ndarray:
 
 def image_grid(images_NxHxW: np.ndarray, path: str | Path, title: str, cols: int = 8) -> Path:
     grid = _grid_rows(images_NxHxW, cols)
-    fig = Figure(figsize=(cols * 0.6 + 0.4, grid.shape[0] * 0.6 + 0.6))
+    fig = Figure(figsize=(max(3.0, cols * 0.6 + 0.4), grid.shape[0] * 0.6 + 0.6),
+                 layout="constrained")
     ax = fig.add_subplot()
     ax.imshow(_tile(grid), cmap=CMAP, vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
@@ -74,7 +75,8 @@ def strips(rows_RxSxHxW: np.ndarray, path: str | Path, title: str,
     r, s = rows_RxSxHxW.shape[:2]
     cols = np.unique(np.linspace(0, s - 1, min(s, max_cols)).round().astype(int))
     grid = rows_RxSxHxW[:, cols]
-    fig = Figure(figsize=(len(cols) * 0.45 + 0.4, r * 0.45 + 0.8))
+    fig = Figure(figsize=(max(4.0, len(cols) * 0.45 + 0.4), r * 0.45 + 1.0),
+                 layout="constrained")
     ax = fig.add_subplot()
     ax.imshow(_tile(grid), cmap=CMAP, vmin=0, vmax=1, interpolation="nearest")
     _h, w = grid.shape[2:]

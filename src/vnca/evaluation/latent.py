@@ -38,13 +38,19 @@ def encoder_means(model: VAE, params: dict, x_NxHxWx1: np.ndarray, batch_size: i
 
 def tsne(means_NxZ: np.ndarray, seed: int) -> np.ndarray:
     """2-D t-SNE embedding (sklearn, PCA initialisation), `Nx2`; perplexity 30 or less for
-    small N (it must stay below N)."""
+    small N (it must stay below N).
+
+    One OpenMP thread: on a machine whose cores other processes also use, sklearn's threaded
+    Barnes-Hut gradient spins and ran 4-600x slower here (5,000 points single-threaded: about
+    a minute on one core)."""
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     n = len(means_NxZ)
     perplexity = float(min(30.0, max(1.0, (n - 1) / 3.0)))
     emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
-    return emb.fit_transform(np.asarray(means_NxZ, np.float64)).astype(np.float32)
+    with threadpool_limits(1):
+        return emb.fit_transform(np.asarray(means_NxZ, np.float64)).astype(np.float32)
 
 
 def interpolation_pairs(labels_N: np.ndarray, order_N: np.ndarray, n_pairs: int) -> np.ndarray:
