@@ -9,9 +9,9 @@ Sobel perception, alive mask or clipping: the update network sees the 3x3 neighb
 its first conv (zero padding at the border).
 
 The growth loop is a fixed-length `lax.scan` with `jax.checkpoint` on the step (trap T8). The
-non-doubling model draws a step count T per batch; the scan always runs `max_steps` slots and an
-active mask makes slots t >= T leave the state unchanged, so T is a traced value and one compiled
-program serves every T.
+non-doubling model draws a step count T per batch; the scan always runs `max_steps` slots and
+slots t >= T leave the state unchanged (a `lax.cond` that skips the update's compute), so T is a
+traced value and one compiled program serves every T.
 """
 
 from __future__ import annotations
@@ -80,10 +80,15 @@ def grow(update: UpdateFn, s_BxHxWxC: jax.Array, key: jax.Array, n_steps: jax.Ar
     (slots past n_steps repeat the final state).
     """
 
+    always = isinstance(n_steps, int) and n_steps == max_steps
+
     def step(s, xs):
         t, k = xs
-        s_next = nca_step(update, s, k, update_prob)
-        s_next = jnp.where(t < n_steps, s_next, s)
+        if always:  # static step count (doubling stages): no mask needed
+            s_next = nca_step(update, s, k, update_prob)
+        else:  # an inactive slot skips the update's compute, forward and backward
+            s_next = jax.lax.cond(t < n_steps, lambda s: nca_step(update, s, k, update_prob),
+                                  lambda s: s, s)
         return s_next, (s_next if record else None)
 
     if remat:
