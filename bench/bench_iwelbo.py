@@ -84,6 +84,16 @@ def use_dot_for_1x1() -> None:
     nca.conv = conv
 
 
+def matmul_gflops(n: int = 4096) -> float:
+    """Throughput of one large float32 matmul now: the machine's ceiling, less other load."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    return 2 * n**3 / (time.perf_counter() - t0) / 1e9
+
+
 def decoder_flops(cfg) -> float:
     """FLOPs (2 x multiply-adds) of one doubling-VNCA decode."""
     m = cfg.model
@@ -96,15 +106,18 @@ def decoder_flops(cfg) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--batch-sizes", default="1",
+                    help="images per batch, comma-separated (each is timed separately)")
     ap.add_argument("--k", type=int, default=128)
-    ap.add_argument("--chunk", type=int, default=0,
-                    help="decode each image's K samples this many at a time (0: all at once)")
+    ap.add_argument("--chunk", type=int, default=-1,
+                    help="decode each image's K samples this many at a time (0: all at once; "
+                    "default: the library's choice, bound.sample_chunk(K))")
     ap.add_argument("--dot-1x1", action="store_true",
                     help="measure the proposed 1x1-convolution-as-dot change (see use_dot_for_1x1)")
     args = ap.parse_args()
     if args.dot_1x1:
         use_dot_for_1x1()
+    chunk = bound.sample_chunk(args.k) if args.chunk < 0 else (args.chunk or None)
 
     cfg = config.load([ROOT / "configs" / "doubling.yaml"])
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=False))
@@ -120,24 +133,27 @@ def main() -> None:
           f"K={args.k}, {args.images} images; {jax.devices()[0].device_kind} x "
           f"{jax.device_count()}, {os.cpu_count()} CPUs")
     print(f"decoder work: {flops / 1e12:.2f} TFLOP per image")
-    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    print(f"load average before: {os.getloadavg()[0]:.2f}; 4096^2 float32 matmul now: "
+          f"{matmul_gflops():.0f} GFLOP/s")
     for b in (int(s) for s in args.batch_sizes.split(",")):
         t0 = time.perf_counter()
         bound.iw_bound(model, params, x[:b], index[:b], key, args.k, b, progress=False,
-                       chunk=args.chunk or None)
+                       chunk=chunk)
         warm = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = bound.iw_bound(model, params, x, index, key, args.k, b, progress=False,
-                             chunk=args.chunk or None)
-        dt = time.perf_counter() - t0
+                             chunk=chunk)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         per8 = dt / args.images * 8
-        print(f"batch {b:2d} images ({b * args.k} decodes, chunk {args.chunk or args.k}): "
+        print(f"batch {b:2d} images ({b * args.k} decodes, chunk {chunk or args.k}): "
               f"warm-up {warm:6.1f} s; "
               f"{args.images / dt:.4f} images/s, {per8:6.1f} s per 8 images, "
-              f"{flops * args.images / dt / 1e9:6.1f} GFLOP/s; "
+              f"{flops * args.images / dt / 1e9:6.1f} GFLOP/s, CPU time {cpu / args.images:.1f} s "
+              f"per image; "
               f"{REPRODUCTION_S_PER_8 / per8:.2f}x the reproduction (target 4x); "
               f"mean bound {np.mean(res['iw']):.2f} nats")
-        print(f"load average now: {os.getloadavg()[0]:.2f}")
+        print(f"load average now: {os.getloadavg()[0]:.2f}; matmul now: "
+              f"{matmul_gflops():.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -215,3 +215,38 @@ def test_batch_must_divide_over_devices():
     cfg = smoke_cfg("doubling", "train.batch_size=6")
     with pytest.raises(ConfigError, match="train.batch_size=6.*4"):
         train.check_batch(cfg, 4)
+
+
+# -- multi-host detection (pure) -----------------------------------------------------------------
+
+def test_cluster_from_env():
+    from vnca.distributed import COORDINATOR_PORT, cluster_from_env
+
+    assert cluster_from_env({}) is None
+    assert cluster_from_env({"TPU_WORKER_HOSTNAMES": "localhost"}) is None  # single-host TPU
+    assert cluster_from_env({"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3"}) == {}  # JAX auto-detects
+    assert cluster_from_env({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234", "JAX_NUM_PROCESSES": "4",
+                             "JAX_PROCESS_ID": "3"}) == {
+        "coordinator_address": "10.0.0.2:1234", "num_processes": 4, "process_id": 3}
+    spec = {"cluster": {"workerpool0": ["chief:2222"], "workerpool1": ["w0:2222", "w1:2222"]},
+            "task": {"type": "workerpool1", "index": 1}}
+    assert cluster_from_env({"CLUSTER_SPEC": json.dumps(spec)}) == {
+        "coordinator_address": f"chief:{COORDINATOR_PORT}", "num_processes": 3, "process_id": 2}
+    one = {"cluster": {"workerpool0": ["chief:2222"]}, "task": {"type": "workerpool0"}}
+    assert cluster_from_env({"CLUSTER_SPEC": json.dumps(one)}) is None
+
+
+def test_train_plus_valid_and_process_rows(data_dir):
+    from vnca import distributed
+
+    mesh = distributed.make_mesh()
+    rows = distributed.process_rows(distributed.batch_sharded(mesh), 8)
+    assert (rows.start, rows.stop) == (0, 8)  # one process feeds the whole batch
+    x_tr, x_va = train.training_images(smoke_cfg("doubling"), data_dir)
+    assert (len(x_tr), len(x_va)) == (48, 16)
+    cfg = smoke_cfg("doubling", "train.train_split=train+valid")
+    x_all, _ = train.training_images(cfg, data_dir)
+    assert len(x_all) == 64
+    np.testing.assert_array_equal(x_all[48:], x_va)
+    with pytest.raises(ConfigError, match="train.train_split"):
+        smoke_cfg("doubling", "train.train_split=test")

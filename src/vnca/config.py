@@ -88,6 +88,9 @@ class TrainConfig:
     # at lr 1e-4 (R, trap T1).
     clip_order: Literal["before_adam", "after_adam"] = "before_adam"
     seed: int = 0
+    # Training images: "train" (50,000; `valid` stays held out for monitoring) or "train+valid"
+    # (60,000, as O and R train; validation records are then measured on training images).
+    train_split: Literal["train", "train+valid"] = "train"
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     log_every: int = 100

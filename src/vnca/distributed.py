@@ -89,12 +89,15 @@ def batch_sharded(mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def process_rows(global_rows: int) -> slice:
-    """Rows of a global batch that this process feeds (processes own equal, ordered blocks)."""
-    n = jax.process_count()
-    per = global_rows // n
-    i = jax.process_index()
-    return slice(i * per, (i + 1) * per)
+def process_rows(sharding: NamedSharding, global_rows: int) -> slice:
+    """Rows of a global batch that this process feeds: the block its devices hold under
+    `sharding` (contiguous for a 1-D `data` mesh; the mesh may order devices by topology)."""
+    starts, stops = [], []
+    for idx in sharding.addressable_devices_indices_map((global_rows,)).values():
+        rows = idx[0]
+        starts.append(rows.start or 0)
+        stops.append(global_rows if rows.stop is None else rows.stop)
+    return slice(min(starts), max(stops))
 
 
 def global_batch(local_x: np.ndarray, sharding: NamedSharding, global_rows: int) -> jax.Array:

@@ -12,10 +12,19 @@ axis; XLA inserts the gradient all-reduce. The loss is the negative mean one-sam
 (log p(x|z) - beta KL), the optimizer `chain(clip_by_global_norm(c), adam(lr))` (O; R's order
 clips Adam's updates instead, `train.clip_order: after_adam`, trap T1).
 
+The non-doubling run trains with O's sample pool (`vnca.pool`): the pool is part of the state,
+its last n_pool batch rows start from pool states (some damaged) and all final states go back,
+shuffled over the whole pool. Training images are `train` (default; `valid` is held out for
+monitoring) or `train+valid` as O and R do (`train.train_split`).
+
 The host loop feeds the batch of each step from per-epoch permutations `fold_in(data_key,
-epoch)` (so the data order is a function of the step), writes metrics as JSON lines, validates
-on the `valid` split, checkpoints with orbax and resumes from the latest complete checkpoint.
-Only process 0 writes files other than checkpoints (orbax saves are collective).
+epoch)` (so the data order is a function of the step; each process feeds the rows its devices
+hold), checks that the loss and gradient norm are finite before every log record and
+checkpoint (TrainingDivergedError otherwise, the last checkpoint stays the last good one),
+writes metrics as JSON lines, validates on a fixed subset of `valid` (never `test`),
+checkpoints with orbax (state + step, wall time and data position) and resumes from the latest
+complete checkpoint. Only process 0 writes files other than checkpoints (orbax saves are
+collective).
 """
 
 from __future__ import annotations
@@ -157,6 +166,14 @@ def make_eval_step(model: VAE, k_samples: int) -> Callable:
 # Data order: a function of (data key, step) only.
 
 
+def _host_device():
+    """The CPU device when the CPU backend is up (small host-side draws), else a local one."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return jax.local_devices()[0]
+
+
 class DataOrder:
     """Global batch indices of step s: positions [s B, (s + 1) B) of the stream of epoch
     permutations `permutation(fold_in(data_key, epoch), N)` (a batch may span two epochs)."""
@@ -167,8 +184,7 @@ class DataOrder:
 
     def epoch_perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._cache:
-            cpu = jax.local_devices(backend="cpu")[0]
-            with jax.default_device(cpu):
+            with jax.default_device(_host_device()):
                 perm = jax.random.permutation(jax.random.fold_in(self.key, epoch), self.n)
             self._cache = {epoch: np.asarray(perm)}  # keep one epoch
         return self._cache[epoch]
@@ -316,6 +332,16 @@ def _load_split(data_dir, split: str) -> np.ndarray:
     return x
 
 
+def training_images(cfg: Config, data_dir) -> tuple[np.ndarray, np.ndarray]:
+    """(training images, validation images), uint8 N x 28 x 28; training is `train` or
+    `train` followed by `valid` (train.train_split)."""
+    x_valid = _load_split(data_dir, "valid")
+    x_train = _load_split(data_dir, "train")
+    if cfg.train.train_split == "train+valid":
+        x_train = np.concatenate([x_train, x_valid])
+    return x_train, x_valid
+
+
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -354,11 +380,10 @@ def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | 
     out.mkdir(parents=True, exist_ok=True)
     cfg_path, params_path = out / artifacts.RESOLVED_CONFIG, out / artifacts.PARAMS
     summary_path, metrics_path = out / artifacts.TRAIN_SUMMARY, out / artifacts.TRAIN_METRICS
-    if cfg_path.is_file():
-        _check_resumable(cfg_path, cfg)
-
     mgr = _checkpoint_manager(out / artifacts.CHECKPOINTS, tc.keep_checkpoints)
     latest = mgr.latest_step()
+    if latest is not None and cfg_path.is_file():
+        _check_resumable(cfg_path, cfg)
     if latest is not None and latest > tc.steps:
         raise ConfigError(f"{out / artifacts.CHECKPOINTS}: holds step {latest}, past "
                           f"train.steps={tc.steps}; use a new --out or more steps")
@@ -371,15 +396,14 @@ def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | 
 
     model = build_model(cfg)
     keys = rng.named_keys(tc.seed)
-    x_train = _load_split(data_dir, "train")
-    x_valid = _load_split(data_dir, "valid")
+    x_train, x_valid = training_images(cfg, data_dir)
     if len(x_train) == 0:
         raise UserError(f"{data_dir}: the train split is empty")
     order = DataOrder(keys["data"], len(x_train), tc.batch_size)
     rows = distributed.batch_sharded(mesh)
 
     abstract, state_sh, init_fn, step_fn = _programs(model, _step_config(cfg), mesh)
-    local_rows = distributed.process_rows(tc.batch_size)
+    local_rows = distributed.process_rows(rows, tc.batch_size)
 
     def feed(x_uint8_NxHxW: np.ndarray, idx_B: np.ndarray) -> jax.Array:
         x = np.asarray(x_uint8_NxHxW[idx_B[local_rows]])
@@ -478,7 +502,7 @@ def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | 
         "wall_time_s": wall, "hardware": distributed.hardware_string(devices),
         "n_devices": n_dev, "n_processes": jax.process_count(), "smoke": cfg.smoke,
         "param_count": param_count, "final_loss": final_loss,
-        "batch_size": tc.batch_size, "train_split": "train", "resumed_from_step": start,
+        "batch_size": tc.batch_size, "train_split": tc.train_split, "resumed_from_step": start,
     }
     if main:
         from vnca.models.model_io import save_params
@@ -503,7 +527,7 @@ def _validator(model: VAE, cfg: Config, x_valid: np.ndarray, key: jax.Array, mes
     if n == 0 or tc.val_every <= 0:
         return None
     k_subset, k_noise = jax.random.split(key)
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    with jax.default_device(_host_device()):
         subset = np.asarray(jax.random.permutation(k_subset, len(x_valid)))[:n]
     k = tc.val_iw_samples
     eval_fn = _eval_program(model, k, mesh)
