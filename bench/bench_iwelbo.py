@@ -114,7 +114,12 @@ def main() -> None:
                     "default: the library's choice, bound.sample_chunk(K))")
     ap.add_argument("--dot-1x1", action="store_true",
                     help="measure the proposed 1x1-convolution-as-dot change (see use_dot_for_1x1)")
+    ap.add_argument("--cpu-devices", type=int, default=0,
+                    help="split the host CPU into this many JAX devices (each batch of images "
+                    "is split across them); 0: JAX's default")
     args = ap.parse_args()
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.dot_1x1:
         use_dot_for_1x1()
     chunk = bound.sample_chunk(args.k) if args.chunk < 0 else (args.chunk or None)

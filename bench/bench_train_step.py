@@ -21,9 +21,20 @@ step of `vnca.train` (same shardings, donation, optimizer, pool), then reports:
 
 Non-doubling: `--nd-steps 36` (default) fixes the NCA step count T (min = max = 36, so the scan
 has 36 slots), the setting quoted for the original code; `--nd-steps 0` uses the config's drawn
-T in [32, 64] with its fixed-length 64-slot scan. Each variant runs in a fresh subprocess so
-peak memory and compile caches are its own; the load average is printed because the CPU may be
-shared.
+T in [32, 64] with its fixed-length 64-slot scan; then `tflop` counts all 64 slots (the cost
+analysis counts a `lax.cond` branch as run although slots past T skip it), so floor_s and
+pct_of_matmul are overstated. Each variant runs in a fresh subprocess so peak memory and compile
+caches are its own; the load average is printed because the CPU may be shared.
+
+Measured on the 2-core dev CPU (shared, load 1.2-1.9; float32 matmul 278-302 GFLOP/s in the
+same runs; batch 32; commit c271342 with im2col NCA convs):
+  doubling     remat on  18.8 s/step (2.49 model TFLOP, 3.27 with recompute, 2.4 GB)
+               remat off 19.9 s/step (10.3 GB)
+  nondoubling  T = 36, remat on 8.9 s/step (0.90 / 1.17 TFLOP, 2.1 GB); off 10.1 s (7.0 GB);
+               drawn T in [32, 64], remat on: 10.7 s/step
+  baseline     2.5 s/step (0.016 TFLOP: XLA:CPU's strided and transposed convs are slow)
+Before the NCA convs became matmuls (conv gradients inside lax.scan run through a naive loop on
+XLA:CPU): non-doubling 254 s/step at batch 8, doubling more than 290 s/step at batch 8.
 """
 
 from __future__ import annotations
@@ -107,7 +118,7 @@ def run_one(variant: str, batch: int, steps: int, warmup: int, remat: str, nd_st
     mesh = distributed.make_mesh()
     train.check_batch(cfg, mesh.devices.size)
     mm_before = _matmul_gflops()
-    abstract, state_sh, init_fn, step_fn = train._programs(model, train._step_config(cfg), mesh)
+    _, _, init_fn, step_fn = train._programs(model, train._step_config(cfg), mesh)
     state = init_fn(jax.random.key(0))
     from vnca.data import pad_images
 

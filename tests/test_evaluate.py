@@ -83,8 +83,7 @@ def _reference_bound(model, params, x_HxWx1, index, key, k, chunk=None):
 
 @pytest.mark.parametrize("variant, chunk", [
     ("doubling", None),
-    ("nondoubling", None),                             # O: T drawn per image, p = 0.5 masks
-    ("nondoubling", 4),                                # the K samples decoded 4 at a time
+    ("nondoubling", 4),                                # T per image, p = 0.5 masks, 4 at a time
     ("baseline", None),                                # -inf logits on the pad
 ])
 def test_batched_bound_equals_one_image_reference(variant, chunk):
@@ -263,6 +262,7 @@ print(json.dumps({"n": jax.device_count(), "one": one["iw"].tolist(),
 """
 
 
+@pytest.mark.slow
 def test_bound_split_over_four_devices_equals_one_device():
     """JAX fixes its device count at start-up, so the 4 fake CPU devices live in a subprocess."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -135,6 +135,7 @@ def test_every_figure_of_the_variant_is_a_png(nondoubling_run):
     assert not list(out.glob("*.tmp*"))
 
 
+@pytest.mark.slow
 def test_baseline_writes_only_its_figures(tmp_path):
     _dataset(tmp_path / "data")
     model_dir = _model_dir(tmp_path / "model", "baseline")

@@ -2,8 +2,8 @@
 
 JAX fixes its device count when the backend starts, and other tests in this process have
 started it with one device, so the 8-device run happens in a subprocess that asks for 8 CPU
-devices before touching JAX. Both runs happen there (the 1-device run on the first device), with
-the pool variant: a sharded pool, a batch split 1 row per device, pool rows that live on other
+devices before touching JAX, while this process trains the same config on its one device; the
+subprocess then compares the two parameter sets. The config is the pool variant: a sharded pool, a batch split 1 row per device, pool rows that live on other
 devices than the slots they come from, and a global shuffle.
 """
 
@@ -13,9 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_train import make_dataset
+from test_train import make_dataset, smoke_cfg
+
+from vnca import train
 
 ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = ("train.batch_size=8", "train.pool.size=16", "train.checkpoint_every=3",
+             "train.log_every=1", "train.val_every=0")
 
 SCRIPT = r"""
 import json, sys
@@ -27,12 +31,13 @@ from vnca.errors import ConfigError
 from vnca.models.model_io import load_model
 
 data, out = sys.argv[1], sys.argv[2]
-cfg = config.load(["configs/nondoubling.yaml", "configs/smoke.yaml"], [
-    "train.batch_size=8", "train.pool.size=16", "train.checkpoint_every=3",
-    "train.log_every=1", "train.val_every=0"])
+cfg = config.load(["configs/nondoubling.yaml", "configs/smoke.yaml"], sys.argv[3:])
 devs = jax.devices()
-s1 = train.train_and_evaluate(cfg, data, out + "/one", steps=3, devices=devs[:1])
 s8 = train.train_and_evaluate(cfg, data, out + "/eight", steps=3, devices=devs)
+import os, time
+deadline = time.time() + 300  # the 1-device run of the test process
+while not os.path.exists(out + "/one/summary.json") and time.time() < deadline:
+    time.sleep(0.1)
 p1 = jax.tree_util.tree_leaves(load_model(out + "/one")[2])
 p8 = jax.tree_util.tree_leaves(load_model(out + "/eight")[2])
 diff = max(float(np.max(np.abs(a - b))) for a, b in zip(p1, p8))
@@ -46,7 +51,7 @@ try:
     err = None
 except ConfigError as e:
     err = str(e)
-print(json.dumps({"n": [s1["n_devices"], s8["n_devices"]], "diff": diff, "scale": scale,
+print(json.dumps({"n": s8["n_devices"], "diff": diff, "scale": scale,
                   "moved": moved, "loss1": loss(out + "/one"), "loss8": loss(out + "/eight"),
                   "hardware": s8["hardware"], "err": err}))
 """
@@ -55,11 +60,18 @@ print(json.dumps({"n": [s1["n_devices"], s8["n_devices"]], "diff": diff, "scale"
 def test_one_and_eight_devices_train_to_the_same_parameters(tmp_path):
     data = make_dataset(tmp_path / "data")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(data), str(tmp_path)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert r["n"] == [1, 8]
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(data), str(tmp_path),
+                             *OVERRIDES], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # meanwhile, the 1-device run here (the subprocess reads it after its own run)
+        cfg = smoke_cfg("nondoubling", *OVERRIDES)
+        s1 = train.train_and_evaluate(cfg, data, tmp_path / "one", steps=3)
+        assert s1["n_devices"] == 1
+    finally:
+        out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["n"] == 8
     assert r["hardware"] == "8 x cpu"
     # Training moved the parameters (3 Adam steps of 1e-4: ~3e-4) identically on 1 and 8
     # devices, up to float32 reduction order (~5e-7 measured); a different batch, key or pool

@@ -32,8 +32,8 @@ from vnca.config import Config
 def pool_rows(cfg: Config) -> tuple[int, int]:
     """(n_pool, n_damage): batch rows fed from the pool, and how many of those are damaged."""
     p = cfg.train.pool
-    n_pool = int(round(cfg.train.batch_size * p.batch_share))
-    return n_pool, int(round(n_pool * p.damage_share))
+    n_pool = round(cfg.train.batch_size * p.batch_share)
+    return n_pool, round(n_pool * p.damage_share)
 
 
 def init_pool(size: int, image_size: int, channels: int) -> dict:

@@ -59,7 +59,8 @@ class TrainingDivergedError(UserError):
 RESUMABLE_KEYS = ("name", "smoke", "train.steps", "train.learning_rate", "train.beta",
                   "train.clip_norm", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.log_every", "train.val_every", "train.val_images",
-                  "train.val_iw_samples", "eval", "hardware")
+                  "train.val_iw_samples", "eval", "hardware",
+                  "model.remat", "model.conv_algorithm")  # the same math, computed differently
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +104,8 @@ def pool_loss(model: VAE, cfg: Config, params: dict, x_BxHxWx1: jax.Array, pool_
     z_BxZ = model.sample_z(mean_BxZ, std_BxZ, k_z)
     s_BxHxWxC = jnp.where(use_B[:, None, None, None], fed["states"], model.seed(z_BxZ))
     s_BxHxWxC = model.damage(s_BxHxWxC, k_damage, pool.damage_rows(b, n_pool, n_damage, use_B))
-    s_BxHxWxC = model.grow(params, s_BxHxWxC, k_grow, model.sample_n_steps(k_t))
+    s_BxHxWxC = model.grow(params, s_BxHxWxC, k_grow, model.sample_n_steps(k_t),
+                           min_steps=model.steps_floor())
     log_px_B = losses.bernoulli_loglik(model.to_logits(s_BxHxWxC), x_BxHxWx1[..., 0])
     loss, metrics = _mean_terms(log_px_B, losses.gaussian_kl(mean_BxZ, std_BxZ), cfg.train.beta)
     metrics["pool_rows"] = jnp.sum(use_B).astype(jnp.float32)
@@ -375,6 +377,9 @@ def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | 
     mesh = distributed.make_mesh(devices)
     n_dev = len(devices)
     check_batch(cfg, n_dev)
+    x_train, x_valid = training_images(cfg, data_dir)  # fail on bad data before writing
+    if len(x_train) == 0:
+        raise UserError(f"{data_dir}: the train split is empty")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -396,9 +401,6 @@ def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | 
 
     model = build_model(cfg)
     keys = rng.named_keys(tc.seed)
-    x_train, x_valid = training_images(cfg, data_dir)
-    if len(x_train) == 0:
-        raise UserError(f"{data_dir}: the train split is empty")
     order = DataOrder(keys["data"], len(x_train), tc.batch_size)
     rows = distributed.batch_sharded(mesh)
 
@@ -439,10 +441,11 @@ def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | 
         for (s, _), m in zip(pending, host):
             bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(m[k]))]
             if bad:
+                where = (f"the last good checkpoint is step {last_saved} in "
+                         f"{out / artifacts.CHECKPOINTS}" if last_saved else "no checkpoint yet")
                 raise TrainingDivergedError(
-                    f"training diverged: {bad[0]} is {float(m[bad[0]])} at step {s + 1}; the last "
-                    f"good checkpoint is step {last_saved} in {out / artifacts.CHECKPOINTS} "
-                    "(lower train.learning_rate or train.clip_norm and rerun to resume)")
+                    f"training diverged: {bad[0]} is {float(m[bad[0]])} at step {s + 1}; "
+                    f"{where} (lower train.learning_rate or train.clip_norm and rerun)")
             interval.append({k: float(v) for k, v in m.items()})
             final_loss = float(m["loss"])
         pending.clear()

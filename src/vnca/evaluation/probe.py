@@ -34,7 +34,8 @@ def image_final_state(model: VAE, params: dict, mean_Z: jax.Array, std_Z: jax.Ar
     z_1xZ = (mean_Z + std_Z * jax.random.normal(k_z, mean_Z.shape, mean_Z.dtype))[None]
     k_t, k_grow = jax.random.split(k_dec)
     n_steps = model.sample_n_steps(k_t, eval_mode=True)
-    return model.grow(params, model.seed(z_1xZ), k_grow, n_steps)[0]
+    return model.grow(params, model.seed(z_1xZ), k_grow, n_steps,
+                      min_steps=model.steps_floor(eval_mode=True))[0]
 
 
 def final_state_batch(model: VAE, params: dict, x_BxHxWx1: jax.Array, index_B: jax.Array,

@@ -11,7 +11,8 @@ its first conv (zero padding at the border).
 The growth loop is a fixed-length `lax.scan` with `jax.checkpoint` on the step (trap T8). The
 non-doubling model draws a step count T per batch; the scan always runs `max_steps` slots and
 slots t >= T leave the state unchanged (a `lax.cond` that skips the update's compute), so T is a
-traced value and one compiled program serves every T.
+traced value and one compiled program serves every T; the first `min_steps` slots, active for
+every T in the range, run without the cond.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ class ResidualUpdate(nn.Module):
     channels: int
     hidden: int
     n_blocks: int = 4
+    conv_algorithm: str = "winograd"
 
     @nn.compact
     def __call__(self, s_BxHxWxC: jax.Array) -> jax.Array:
-        h = conv(self.hidden, 3, 9 * self.channels, padding=1)(s_BxHxWxC)
+        h = conv(self.hidden, 3, 9 * self.channels, padding=1,
+                 algorithm=self.conv_algorithm)(s_BxHxWxC)
         for _ in range(self.n_blocks):
             r = nn.elu(conv(self.hidden, 1, self.hidden)(h))
             h = h + conv(self.hidden, 1, self.hidden)(r)
@@ -49,10 +52,12 @@ class SimpleUpdate(nn.Module):
     channels: int
     hidden: int
     last_bias: bool = False
+    conv_algorithm: str = "winograd"
 
     @nn.compact
     def __call__(self, s_BxHxWxC: jax.Array) -> jax.Array:
-        h = nn.elu(conv(self.hidden, 3, 9 * self.channels, padding=1)(s_BxHxWxC))
+        h = nn.elu(conv(self.hidden, 3, 9 * self.channels, padding=1,
+                        algorithm=self.conv_algorithm)(s_BxHxWxC))
         return conv(self.channels, 1, self.hidden, zero_init=True, use_bias=self.last_bias)(h)
 
 
@@ -73,29 +78,46 @@ def nca_step(update: UpdateFn, s_BxHxWxC: jax.Array, key: jax.Array | None,
 
 
 def grow(update: UpdateFn, s_BxHxWxC: jax.Array, key: jax.Array, n_steps: jax.Array | int,
-         max_steps: int, update_prob: float, remat: bool = True, record: bool = False):
+         max_steps: int, update_prob: float, remat: bool = True, record: bool = False,
+         min_steps: int = 0):
     """Run `n_steps` (<= max_steps, may be traced) NCA steps in a fixed-length scan.
+
+    `min_steps` is a static lower bound on a traced `n_steps` (the low end of its range): those
+    first slots run without the `lax.cond` (whose operands XLA copies at every slot). Slot t
+    uses the t-th of `max_steps` keys split from `key` whatever the bound.
 
     Returns the final state, and with `record` also every state after each slot, `TxBxHxWxC`
     (slots past n_steps repeat the final state).
     """
+    static = isinstance(n_steps, int)
+    n_sure = min(n_steps if static else min_steps, max_steps)
 
-    always = isinstance(n_steps, int) and n_steps == max_steps
+    def step(active_for_sure):
+        def body(s, xs):
+            t, k = xs
+            if active_for_sure:
+                s_next = nca_step(update, s, k, update_prob)
+            else:  # an inactive slot skips the update's compute, forward and backward
+                s_next = jax.lax.cond(t < n_steps, lambda s: nca_step(update, s, k, update_prob),
+                                      lambda s: s, s)
+            return s_next, (s_next if record else None)
+        return jax.checkpoint(body) if remat else body
 
-    def step(s, xs):
-        t, k = xs
-        if always:  # static step count (doubling stages): no mask needed
-            s_next = nca_step(update, s, k, update_prob)
-        else:  # an inactive slot skips the update's compute, forward and backward
-            s_next = jax.lax.cond(t < n_steps, lambda s: nca_step(update, s, k, update_prob),
-                                  lambda s: s, s)
-        return s_next, (s_next if record else None)
-
-    if remat:
-        step = jax.checkpoint(step)
     keys = jax.random.split(key, max_steps)
-    s_final, stages = jax.lax.scan(step, s_BxHxWxC, (jnp.arange(max_steps), keys))
-    return (s_final, stages) if record else s_final
+    slots = jnp.arange(max_steps)
+    s, stages = s_BxHxWxC, []
+    if n_sure > 0:
+        s, st = jax.lax.scan(step(True), s, (slots[:n_sure], keys[:n_sure]))
+        stages.append(st)
+    if n_sure < max_steps:
+        if static:  # slots past a static n_steps change nothing
+            st = jnp.broadcast_to(s, (max_steps - n_sure, *s.shape)) if record else None
+        else:
+            s, st = jax.lax.scan(step(False), s, (slots[n_sure:], keys[n_sure:]))
+        stages.append(st)
+    if not record:
+        return s
+    return s, jnp.concatenate(stages, axis=0)
 
 
 def damage_square(s_BxHxWxC: jax.Array, key: jax.Array, size: int,

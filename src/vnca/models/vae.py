@@ -44,8 +44,9 @@ class VAE:
         if c.variant == "baseline":
             return BaselineDecoder(c.z_dim, c.baseline_output)
         if c.variant == "doubling":
-            return nca.ResidualUpdate(c.z_dim, c.nca_hidden, c.n_residual_blocks)
-        return nca.SimpleUpdate(c.z_dim, c.nca_hidden, c.last_layer_bias)
+            return nca.ResidualUpdate(c.z_dim, c.nca_hidden, c.n_residual_blocks,
+                                      c.conv_algorithm)
+        return nca.SimpleUpdate(c.z_dim, c.nca_hidden, c.last_layer_bias, c.conv_algorithm)
 
     def init(self, key: jax.Array) -> dict:
         k_enc, k_dec = jax.random.split(key)
@@ -94,12 +95,18 @@ class VAE:
             return jnp.asarray(c.eval_steps, jnp.int32)
         return nca.sample_n_steps(key, c.min_steps, c.max_steps, c.steps_inclusive)
 
+    def steps_floor(self, eval_mode: bool = False) -> int:
+        """The least T that `sample_n_steps(key, eval_mode)` returns."""
+        c = self.cfg
+        return c.eval_steps if eval_mode and c.eval_steps is not None else c.min_steps
+
     def grow(self, params: dict, s_BxHxWxC: jax.Array, key: jax.Array, n_steps,
-             record: bool = False, max_steps: int | None = None):
-        """Non-doubling growth: `n_steps` NCA steps from the given state."""
+             record: bool = False, max_steps: int | None = None, min_steps: int = 0):
+        """Non-doubling growth: `n_steps` NCA steps from the given state (`min_steps`: a static
+        lower bound on a traced `n_steps`, e.g. `steps_floor()` for a drawn T)."""
         return nca.grow(self._update(params), s_BxHxWxC, key, n_steps,
                         max_steps or max(self.max_steps, self.cfg.eval_steps or 0),
-                        self.cfg.update_prob, self.cfg.remat, record)
+                        self.cfg.update_prob, self.cfg.remat, record, min_steps)
 
     def damage(self, s_BxHxWxC: jax.Array, key: jax.Array, rows_B: jax.Array | None = None):
         return nca.damage_square(s_BxHxWxC, key, self.cfg.damage_size, rows_B)
@@ -134,9 +141,11 @@ class VAE:
             s, _ = self._grow_doubling(params, z_BxZ, key, record=False)
             return self.to_logits(s)
         k_t, k_grow = jax.random.split(key)
+        floor = 0
         if n_steps is None:
-            n_steps = self.sample_n_steps(k_t, eval_mode)
-        return self.to_logits(self.grow(params, self.seed(z_BxZ), k_grow, n_steps))
+            n_steps, floor = self.sample_n_steps(k_t, eval_mode), self.steps_floor(eval_mode)
+        return self.to_logits(self.grow(params, self.seed(z_BxZ), k_grow, n_steps,
+                                        min_steps=floor))
 
     def growth_stages(self, params: dict, z_BxZ: jax.Array, key: jax.Array, n_steps=None,
                       eval_mode: bool = True) -> jax.Array:
@@ -158,13 +167,13 @@ class VAE:
             raise ValueError("growth stages exist only for the NCA variants")
         k_t, k_grow = jax.random.split(key)
         if n_steps is None:
-            n_steps = self.sample_n_steps(k_t, eval_mode)
+            n_steps, floor = self.sample_n_steps(k_t, eval_mode), self.steps_floor(eval_mode)
             max_steps = None
         else:
-            max_steps = int(n_steps)
+            max_steps, floor = int(n_steps), 0
         s0 = self.seed(z_BxZ)
         _, frames_TxBxHxWxC = self.grow(params, s0, k_grow, n_steps, record=True,
-                                        max_steps=max_steps)
+                                        max_steps=max_steps, min_steps=floor)
         return jnp.concatenate([self.to_logits(s0)[None], self.to_logits(frames_TxBxHxWxC)], 0)
 
     # -- one-sample ELBO ---------------------------------------------------------------------
