@@ -9,6 +9,10 @@ which takes 276 s for 8 images of the doubling VNCA on the project's 2-core CPU 
 i.e. <= 69 s). Random parameters (PyTorch-style scale, the NCA's last layer included) cost the
 same as trained ones. The load average is printed before and after: other processes on the
 machine slow every figure down.
+
+Measured on the 2-core dev CPU (load 1.7-1.9, matmul 274-299 GFLOP/s), 8 images in one batch,
+chunks of 8 samples: 134.4 s per 8 images with `model.conv_algorithm=im2col` (2.05x the
+reproduction), 101.0 s with the default Winograd conv (2.73x); the target 69 s is not met.
 """
 
 from __future__ import annotations
@@ -137,7 +141,9 @@ def main() -> None:
     print(f"doubling VNCA, z={cfg.model.z_dim}, {count_params(params):,} parameters, "
           f"K={args.k}, {args.images} images; {jax.devices()[0].device_kind} x "
           f"{jax.device_count()}, {os.cpu_count()} CPUs")
-    print(f"decoder work: {flops / 1e12:.2f} TFLOP per image")
+    print(f"decoder work: {flops / 1e12:.2f} TFLOP per image, counted as a direct conv (the "
+          "Winograd 3x3 conv, model.conv_algorithm, does fewer multiplications: GFLOP/s below "
+          "are direct-conv equivalents)")
     print(f"load average before: {os.getloadavg()[0]:.2f}; 4096^2 float32 matmul now: "
           f"{matmul_gflops():.0f} GFLOP/s")
     for b in (int(s) for s in args.batch_sizes.split(",")):

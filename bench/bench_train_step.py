@@ -26,15 +26,17 @@ analysis counts a `lax.cond` branch as run although slots past T skip it), so fl
 pct_of_matmul are overstated. Each variant runs in a fresh subprocess so peak memory and compile
 caches are its own; the load average is printed because the CPU may be shared.
 
-Measured on the 2-core dev CPU (shared, load 1.2-1.9; float32 matmul 278-302 GFLOP/s in the
-same runs; batch 32; commit c271342 with im2col NCA convs):
-  doubling     remat on  18.8 s/step (2.49 model TFLOP, 3.27 with recompute, 2.4 GB)
-               remat off 19.9 s/step (10.3 GB)
-  nondoubling  T = 36, remat on 8.9 s/step (0.90 / 1.17 TFLOP, 2.1 GB); off 10.1 s (7.0 GB);
-               drawn T in [32, 64], remat on: 10.7 s/step
-  baseline     2.5 s/step (0.016 TFLOP: XLA:CPU's strided and transposed convs are slow)
-Before the NCA convs became matmuls (conv gradients inside lax.scan run through a naive loop on
-XLA:CPU): non-doubling 254 s/step at batch 8, doubling more than 290 s/step at batch 8.
+Measured on the 2-core dev CPU (shared, load 1.3-1.9; float32 matmul 275-302 GFLOP/s in the
+same runs; batch 32; seconds per step):
+                          im2col (c271342)   winograd (default)
+  doubling     remat on        18.8               14.6   (2.12 TFLOP counted, 2.3 GB)
+               remat off       19.9               15.8   (7.5 GB)
+  nondoubling  T = 36, on       8.9                5.4   (0.47 TFLOP, 2.1 GB)
+               T = 36, off     10.1                5.7
+  baseline                      2.5                2.6   (XLA:CPU's strided/transposed convs)
+The TFLOP figures are XLA's count of the Winograd program. Before the NCA convs became matmuls
+(conv gradients inside lax.scan run through a naive loop on XLA:CPU): non-doubling 254 s/step
+at batch 8, doubling more than 290 s/step at batch 8.
 """
 
 from __future__ import annotations

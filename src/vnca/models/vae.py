@@ -133,15 +133,16 @@ class VAE:
 
     # -- decoder -----------------------------------------------------------------------------
     def decode(self, params: dict, z_BxZ: jax.Array, key: jax.Array, n_steps=None,
-               eval_mode: bool = False) -> jax.Array:
-        """Bernoulli logits of p(x|z), `BxHxW`."""
+               eval_mode: bool = False, min_steps: int = 0) -> jax.Array:
+        """Bernoulli logits of p(x|z), `BxHxW` (`min_steps`: a static lower bound on a given
+        traced `n_steps`; a drawn one has `steps_floor(eval_mode)`)."""
         if self.variant == "baseline":
             return self._decoder().apply({"params": params["decoder"]}, z_BxZ)
         if self.variant == "doubling":
             s, _ = self._grow_doubling(params, z_BxZ, key, record=False)
             return self.to_logits(s)
         k_t, k_grow = jax.random.split(key)
-        floor = 0
+        floor = min_steps
         if n_steps is None:
             n_steps, floor = self.sample_n_steps(k_t, eval_mode), self.steps_floor(eval_mode)
         return self.to_logits(self.grow(params, self.seed(z_BxZ), k_grow, n_steps,
