@@ -79,6 +79,25 @@ def test_active_step_mask_runs_exactly_n_steps(n_steps):
         assert not np.allclose(got, s0)
 
 
+@pytest.mark.parametrize("n_steps", [3, 6])
+def test_step_floor_and_static_steps_give_the_same_states(n_steps):
+    """Slots below `min_steps` run without the cond, and a static n_steps skips the rest; the
+    states (masks, p = 0.5, drawn from the same per-slot keys) and recorded frames are those of
+    the all-cond scan."""
+    model = _model("nondoubling", smoke=True)
+    params = _perturbed(model.init(jax.random.key(0)), jax.random.key(1))
+    update = model._update(params)
+    s0 = jax.random.normal(jax.random.key(2), (2, 6, 6, model.cfg.z_dim))
+    key = jax.random.key(3)
+    base, base_frames = nca.grow(update, s0, key, jnp.asarray(n_steps), 8, 0.5, record=True)
+    for n, floor in [(jnp.asarray(n_steps), 3), (n_steps, 0)]:
+        got, frames = nca.grow(update, s0, key, n, 8, 0.5, record=True, min_steps=floor)
+        np.testing.assert_allclose(got, base, rtol=1e-6, atol=1e-6)
+        assert frames.shape == base_frames.shape == (8, *s0.shape)
+        np.testing.assert_allclose(frames, base_frames, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(base_frames[0], base_frames[2])   # the steps did something
+
+
 def test_stochastic_update_mask_is_per_cell_and_shared_across_channels():
     update = lambda s: jnp.ones_like(s)  # noqa: E731 - every update adds exactly 1
     s0 = jnp.zeros((4, 32, 32, 3))
