@@ -1,6 +1,7 @@
 """The NCA's stride-1 convs: every algorithm computes the same convolution as a float64 direct
 sum, forward and backward, and the algorithm changes neither the parameters nor the model."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 
 from vnca import config
 from vnca.models import build_model
-from vnca.models.layers import CONV_ALGORITHMS, conv_stride1, winograd_tile
+from vnca.models.layers import (CONV_ALGORITHMS, Conv, ConvTranspose, _uniform, conv_stride1,
+                                winograd_tile)
 
 
 def _direct_conv(x, w, padding):
@@ -91,3 +93,37 @@ def test_unknown_algorithm_is_a_config_error():
     from vnca.errors import ConfigError
     with pytest.raises(ConfigError, match="conv_algorithm"):
         config.load(["configs/doubling.yaml"], ["model.conv_algorithm=fft"])
+
+
+@pytest.mark.parametrize("layer, flax_layer, shape", [
+    # the encoder's stride-2 conv
+    (Conv(7, 5, 25 * 6, padding=2, stride=2),
+     nn.Conv(7, (5, 5), strides=(2, 2), padding=((2, 2), (2, 2)),
+             kernel_init=_uniform(1 / 150 ** 0.5), bias_init=_uniform(1 / 150 ** 0.5)),
+     (2, 8, 8, 6)),
+    # the baseline decoder's stride-2 transposed conv (torch padding 2, output padding 1) ...
+    (ConvTranspose(7, 5, stride=2, torch_padding=2, output_padding=1),
+     nn.ConvTranspose(7, (5, 5), strides=(2, 2), padding=((2, 3), (2, 3)),
+                      kernel_init=_uniform(1 / 175 ** 0.5), bias_init=_uniform(1 / 175 ** 0.5)),
+     (2, 4, 4, 6)),
+    # ... and its last layer (torch padding 4: 32 -> 28)
+    (ConvTranspose(1, 5, stride=1, torch_padding=4),
+     nn.ConvTranspose(1, (5, 5), strides=(1, 1), padding=((0, 0), (0, 0)),
+                      kernel_init=_uniform(1 / 25 ** 0.5), bias_init=_uniform(1 / 25 ** 0.5)),
+     (2, 32, 32, 6)),
+])
+def test_matmul_layers_equal_flax_layers(layer, flax_layer, shape):
+    """Same parameter names, shapes and initial values as the flax layer (and PyTorch's init
+    bounds), and the same outputs and input gradients, computed by XLA's own convs."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    params = layer.init(jax.random.key(1), x)
+    want_params = flax_layer.init(jax.random.key(1), x)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(want_params)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want_params)):
+        np.testing.assert_array_equal(a, b)
+    y, want = layer.apply(params, x), flax_layer.apply(params, x)
+    assert y.shape == want.shape
+    np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(layer.apply(params, x))))(x)
+    want_g = jax.grad(lambda x: jnp.sum(jnp.sin(flax_layer.apply(params, x))))(x)
+    np.testing.assert_allclose(g, want_g, atol=1e-5, rtol=1e-5)

@@ -99,7 +99,7 @@ def test_step_floor_and_static_steps_give_the_same_states(n_steps):
 
 
 def test_stochastic_update_mask_is_per_cell_and_shared_across_channels():
-    update = lambda s: jnp.ones_like(s)  # noqa: E731 - every update adds exactly 1
+    update = lambda s: jnp.ones_like(s)
     s0 = jnp.zeros((4, 32, 32, 3))
     s1 = nca.nca_step(update, s0, jax.random.key(0), 0.5)
     assert set(np.unique(s1)) == {0.0, 1.0}
