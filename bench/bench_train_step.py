@@ -26,17 +26,19 @@ analysis counts a `lax.cond` branch as run although slots past T skip it), so fl
 pct_of_matmul are overstated. Each variant runs in a fresh subprocess so peak memory and compile
 caches are its own; the load average is printed because the CPU may be shared.
 
-Measured on the 2-core dev CPU (shared, load 1.3-1.9; float32 matmul 275-302 GFLOP/s in the
+Measured on the 2-core dev CPU (shared, load 1.3-1.9; float32 matmul 275-304 GFLOP/s in the
 same runs; batch 32; seconds per step):
-                          im2col (c271342)   winograd (default)
-  doubling     remat on        18.8               14.6   (2.12 TFLOP counted, 2.3 GB)
-               remat off       19.9               15.8   (7.5 GB)
-  nondoubling  T = 36, on       8.9                5.4   (0.47 TFLOP, 2.1 GB)
-               T = 36, off     10.1                5.7
-  baseline                      2.5                2.6   (XLA:CPU's strided/transposed convs)
-The TFLOP figures are XLA's count of the Winograd program. Before the NCA convs became matmuls
-(conv gradients inside lax.scan run through a naive loop on XLA:CPU): non-doubling 254 s/step
-at batch 8, doubling more than 290 s/step at batch 8.
+                     im2col NCA convs,     Winograd NCA convs    + encoder / baseline
+                     XLA strided convs     (model.conv_algorithm)  convs as matmuls (now)
+  doubling     remat on    18.8                 14.6                 14.2  (2.12 TFLOP, 2.5 GB)
+               remat off   19.9                 15.8                       (7.5 GB)
+  nondoubling  T = 36, on   8.9                  5.4                  4.5  (0.48 TFLOP, 2.3 GB)
+               T = 36, off 10.1                  5.7
+  baseline                  2.5                  2.6                  0.59 (0.05 TFLOP, 1.7 GB)
+The TFLOP figures are XLA's count of the program it runs (Winograd: fewer multiplications; the
+baseline's transposed convs multiply the zeros of the dilated input). Before the NCA convs became
+matmuls (conv gradients inside lax.scan run through a naive loop on XLA:CPU): non-doubling
+254 s/step at batch 8, doubling more than 290 s/step at batch 8.
 """
 
 from __future__ import annotations
