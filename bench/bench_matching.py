@@ -6,6 +6,9 @@ Prints the time to read + verify the raw files, the time of each matching group 
 and the one-to-one assignment separately), the total, and the load average before and after
 and the CPU time (the machine is shared: a busy machine inflates the wall time; CPU time over
 both cores is the less load-sensitive figure).
+
+Measured on the 2-core dev CPU at load 1.6 (nothing else running): read + verify 1.35 s;
+train+valid 26.9 s scoring + 0.9 s assignment, test 1.7 s; total 29.5 s wall, 56.2 s CPU.
 """
 
 from __future__ import annotations
