@@ -10,12 +10,14 @@ same size; a dot in a loop is fast on every backend. A 3x3 conv with padding 1 i
 one of three algorithms (`CONV_ALGORITHMS`, config `model.conv_algorithm`), all the same
 convolution up to float32 rounding:
 - "winograd": Winograd's minimal filtering F(4x4, 3x3) (F(2x2, 3x3) on grids not divisible by
-  4): 36 matrix products over 6x6 input tiles replace the 3x3 conv's 9 per output, 4x fewer
-  multiplications; autodiff of the tile transforms gives a backward pass of the same algorithm.
+  4, im2col on odd ones): 36 channel matmuls per 6x6 input tile give its 4x4 output tile, 2.25
+  multiplications per output and channel pair against the direct conv's 9; the backward pass
+  (a custom VJP) is Winograd too.
 - "im2col": one matmul over the 9 shifted copies of the input.
 - "xla": `lax.conv_general_dilated` (for accelerators; slow inside a scan on XLA:CPU).
 The parameter tree (`Conv_i/kernel` of shape (k, k, in, out), `Conv_i/bias`) is that of
-`nn.Conv` whatever the algorithm, so checkpoints move between them.
+`nn.Conv` whatever the algorithm, so checkpoints move between them. The encoder's strided convs
+and the baseline's transposed convs are im2col matmuls as well (`Conv`, `ConvTranspose`).
 """
 
 from __future__ import annotations
