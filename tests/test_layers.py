@@ -9,8 +9,14 @@ import pytest
 
 from vnca import config
 from vnca.models import build_model
-from vnca.models.layers import (CONV_ALGORITHMS, Conv, ConvTranspose, _uniform, conv_stride1,
-                                winograd_tile)
+from vnca.models.layers import (
+    CONV_ALGORITHMS,
+    Conv,
+    ConvTranspose,
+    _uniform,
+    conv_stride1,
+    winograd_tile,
+)
 
 
 def _direct_conv(x, w, padding):

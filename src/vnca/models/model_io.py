@@ -41,12 +41,12 @@ def load_model(model_dir: str | Path) -> tuple[config.Config, VAE, dict]:
     template = jax.eval_shape(model.init, jax.random.key(0))
     try:
         raw = serialization.msgpack_restore(params_path.read_bytes())
-    except Exception:  # msgpack raises several unrelated types on corrupt input
+    except Exception:  # noqa: BLE001 -- msgpack raises several unrelated types on corrupt input
         raise DataError(f"{params_path}: corrupt or truncated parameter file") from None
     want = jax.tree_util.tree_map(lambda a: tuple(a.shape), template)
     try:
         got = jax.tree_util.tree_map(lambda a: tuple(a.shape), raw)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- any malformed tree is a mismatch
         got = None
     if got != want:
         raise DataError(f"{params_path}: parameters do not match the model in {cfg_path} "
