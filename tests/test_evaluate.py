@@ -83,7 +83,8 @@ def _reference_bound(model, params, x_HxWx1, index, key, k, chunk=None):
 
 @pytest.mark.parametrize("variant, chunk", [
     ("doubling", None),
-    ("nondoubling", 4),                                # T per image, p = 0.5 masks, 4 at a time
+    ("nondoubling", None),                             # O: T drawn per image, p = 0.5 masks
+    ("nondoubling", 4),                                # the K samples decoded 4 at a time
     ("baseline", None),                                # -inf logits on the pad
 ])
 def test_batched_bound_equals_one_image_reference(variant, chunk):

@@ -184,8 +184,8 @@ def conv_stride1(x_BxHxWxC: jax.Array, w_KxKxCxF: jax.Array, padding: int,
 class Conv(nn.Module):
     """Conv with symmetric zero padding as matrix products: stride 1 by `conv_stride1` (a 1x1
     conv is a plain matmul), a larger stride by im2col (with XLA:CPU's own strided convs the
-    encoder's forward and backward pass at batch 32 took 0.70 s, as matmuls 0.076 s). Same parameters,
-    names and initial values as `nn.Conv` (the class is named Conv for that)."""
+    encoder's forward and backward pass at batch 32 took 0.70 s, as matmuls 0.076 s). Same
+    parameters, names and initial values as `nn.Conv` (the class is named Conv for that)."""
 
     features: int
     kernel: int
