@@ -1,6 +1,8 @@
 """The NCA's stride-1 convs: every algorithm computes the same convolution as a float64 direct
 sum, forward and backward, and the algorithm changes neither the parameters nor the model."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -133,3 +135,90 @@ def test_matmul_layers_equal_flax_layers(layer, flax_layer, shape):
     g = jax.grad(lambda x: jnp.sum(jnp.sin(layer.apply(params, x))))(x)
     want_g = jax.grad(lambda x: jnp.sum(jnp.sin(flax_layer.apply(params, x))))(x)
     np.testing.assert_allclose(g, want_g, atol=1e-5, rtol=1e-5)
+
+
+class _FlaxResidualUpdate(nn.Module):
+    """The doubling update built from flax's own nn.Conv layers (XLA convs), as a reference."""
+
+    channels: int
+    hidden: int
+    n_blocks: int
+
+    @nn.compact
+    def __call__(self, s):
+        def init(fan_in):
+            return _uniform(1 / fan_in ** 0.5)
+
+        h = nn.Conv(self.hidden, (3, 3), padding=((1, 1), (1, 1)), name="Conv_0",
+                    kernel_init=init(9 * self.channels), bias_init=init(9 * self.channels))(s)
+        for i in range(self.n_blocks):
+            c1 = nn.Conv(self.hidden, (1, 1), name=f"Conv_{2 * i + 1}",
+                         kernel_init=init(self.hidden), bias_init=init(self.hidden))
+            c2 = nn.Conv(self.hidden, (1, 1), name=f"Conv_{2 * i + 2}",
+                         kernel_init=init(self.hidden), bias_init=init(self.hidden))
+            h = h + c2(nn.elu(c1(h)))
+        zeros = nn.initializers.zeros
+        return nn.Conv(self.channels, (1, 1), name=f"Conv_{2 * self.n_blocks + 1}",
+                       kernel_init=zeros, bias_init=zeros)(h)
+
+
+@pytest.mark.parametrize("chunk_rows", [0, 16, 50])
+def test_residual_update_equals_flax_convs(chunk_rows):
+    """The doubling update (flattened 1x1 tower, split into groups of cells or not) has the
+    parameter tree and initial values of flax nn.Conv layers and computes the same function,
+    forward and backward."""
+    from vnca.models.nca import ResidualUpdate
+
+    s = jax.random.normal(jax.random.key(0), (2, 8, 8, 6))
+    ours = ResidualUpdate(6, 5, 2, "winograd", chunk_rows)
+    ref = _FlaxResidualUpdate(6, 5, 2)
+    params = ours.init(jax.random.key(1), s)
+    want_params = ref.init(jax.random.key(1), s)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(want_params)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want_params)):
+        np.testing.assert_array_equal(a, b)
+    params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # a non-zero last layer
+
+    def loss(module, p, s):
+        return jnp.sum(jnp.sin(module.apply(p, s)))
+
+    y, want = ours.apply(params, s), ref.apply(params, s)
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(y, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    g = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(params, s)
+    want_g = jax.grad(functools.partial(loss, ref), argnums=(0, 1))(params, s)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(want_g)):
+        np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
+
+
+@pytest.mark.parametrize("n_rows, chunk_rows, want", [
+    (32768, 2048, 16), (32768, 0, 1), (100, 100, 1), (100, 30, 4), (7, 3, 7), (96, 40, 3),
+])
+def test_tower_groups(n_rows, chunk_rows, want):
+    """The fewest groups that divide the rows evenly with at most chunk_rows rows each."""
+    from vnca.models.nca import n_groups
+
+    n = n_groups(n_rows, chunk_rows)
+    assert n == want and n_rows % n == 0
+    assert chunk_rows == 0 or n_rows // n <= chunk_rows or n == n_rows
+
+
+def test_chunked_rows_keeps_each_row_in_place():
+    """Row r of the output is f of row r of the input, whatever the grouping."""
+    from vnca.models.nca import chunked_rows
+
+    x = jnp.arange(24 * 3, dtype=jnp.float32).reshape(24, 3)
+    for chunk_rows in (0, 5, 8, 24):
+        y = chunked_rows(lambda a: a * 2.0 + a[:, :1], x, chunk_rows)
+        np.testing.assert_array_equal(y, x * 2.0 + x[:, :1])
+
+
+def test_negative_tower_chunk_rows_is_a_config_error():
+    from vnca.errors import ConfigError
+    with pytest.raises(ConfigError, match="tower_chunk_rows"):
+        config.load(["configs/doubling.yaml"], ["model.tower_chunk_rows=-1"])
+    assert config.load(["configs/doubling.yaml"], []).model.tower_chunk_rows is None
+    cfg = config.load(["configs/doubling.yaml"], ["model.tower_chunk_rows=0"])
+    assert build_model(cfg).tower_chunk_rows == 0
+    assert build_model(config.load(["configs/doubling.yaml"], [])).tower_chunk_rows == (
+        2048 if jax.default_backend() == "cpu" else 0)
