@@ -21,7 +21,6 @@ from vnca.models import nca
 from vnca.models.baseline import BaselineDecoder
 from vnca.models.encoder import Encoder
 
-
 # Cells per group of the doubling update's 1x1 tower on a CPU (`nca.chunked_rows`): a group's
 # activations (2048 x 256 floats, 2 MB) fit the cache; 2048 and 4096 measured alike, 0 (no
 # split) 1.7x slower for a 32x32 step at batch 32.
