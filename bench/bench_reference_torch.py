@@ -38,13 +38,15 @@ that equals torch's default). Per variant it prints one JSON line and one readab
   images_per_s   batch / s_per_step
   matmul_gflops  float32 4096x4096 torch matmul, best of 5, before and after the steps
 
-Measured on 2026-12-01 on the 2-core dev CPU (shared with other benchmark runs: load average
-2.8 at start, 3.0-3.5 during the run; torch 2.13.0+cpu, 2 threads; batch 32, 1 warm-up + 2 timed
-steps; the load was high, so use the ratio to a bench_train_step.py run made alongside):
-  doubling      85.5 s/step (0.37 img/s; steps 96.4, 74.6 s; warm-up 85.6 s)
-  nondoubling   16.7 s/step (1.91 img/s; steps 17.4, 16.1 s; warm-up 11.5 s), 32x32 grid, T = 36
-  torch matmul  170-192 GFLOP/s best of 5 (88.5 once, under contention; the JAX bench saw
-                275-304 GFLOP/s at load 1.3-1.9)
+Measured on 2026-12-01 on the 2-core dev CPU (load 1.6-2.0, nothing else running; torch
+2.13.0+cpu, 2 threads; batch 32, 1 warm-up + 2 timed steps), just before bench_train_step.py in
+the same run:
+  doubling      30.2 s/step (1.06 img/s; steps 30.6, 29.9 s), torch matmul 162-183 GFLOP/s
+  nondoubling    6.17 s/step (5.19 img/s; steps 6.15, 6.18 s), 28x28 grid, T = 36, matmul
+                184-188 GFLOP/s
+  (16.7 s/step on a 32x32 grid, and 85.5 s for doubling, in an earlier run that shared the two
+  cores with another benchmark: two processes on two cores slow torch's threads down far more
+  than the load suggests.)
 """
 
 from __future__ import annotations

@@ -39,6 +39,17 @@ The TFLOP figures are XLA's count of the program it runs (Winograd: fewer multip
 baseline's transposed convs multiply the zeros of the dilated input). Before the NCA convs became
 matmuls (conv gradients inside lax.scan run through a naive loop on XLA:CPU): non-doubling
 254 s/step at batch 8, doubling more than 290 s/step at batch 8.
+
+The machine got slower: on 2026-12-01 the same matmul ran at 147-197 GFLOP/s, so compare runs
+only as ratios to references measured alongside. `--vs-original` then times the original's
+PyTorch step (`bench_reference_torch.py`) of the NCA variants and prints original / ours.
+Measured on 2026-12-01 (load 1.6-2.0, matmul 172-197 GFLOP/s, batch 32, s/step, one run each):
+                     the original    before the 1x1 convs ran    now
+                     (PyTorch)       on flattened cells (6b97b29)
+  doubling             30.2              19.4 (63 %)              15.5-15.7 (73-75 %): 1.94x O
+  nondoubling T = 36    6.17              6.3 (42 %)               5.0-5.2 (50-51 %):   1.20x O
+  baseline                                                          0.67 (39 %)
+Issue 4's targets as speed-ups over the original: 2.1x for both (not met).
 """
 
 from __future__ import annotations
@@ -48,10 +59,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Issue 4's targets as speed-ups over the original PyTorch step on the same CPU: doubling
+# 18.9 s -> 9 s, non-doubling (T = 36) 4.2 s -> 2 s.
+ORIGINAL_SPEEDUP_TARGET = {"doubling": 2.1, "nondoubling": 2.1}
 
 
 def _matmul_gflops(n: int = 4096, reps: int = 5) -> float:
@@ -147,10 +162,7 @@ def run_one(variant: str, batch: int, steps: int, warmup: int, remat: str, nd_st
     mm_after = _matmul_gflops()
 
     abstract_state = jax.eval_shape(lambda k: train.init_state(model, cfg, k), key)
-    # FLOPs of the unsplit tower: the cost analysis counts the body of the tower's loop over
-    # groups of cells once, and the split changes no arithmetic
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tower_chunk_rows=0))
-    flops = _step_flops(build_model(cfg), cfg, abstract_state, x, key)
+    flops = _step_flops(model, cfg, abstract_state, x, key)
     cfg_off = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=False))
     model_flops = _step_flops(build_model(cfg_off), cfg_off, abstract_state, x, key)
     s_per_step = float(np.mean(times))
@@ -158,7 +170,6 @@ def run_one(variant: str, batch: int, steps: int, warmup: int, remat: str, nd_st
     floor = flops / (mm * 1e9)
     return {
         "variant": variant, "batch": batch, "remat": cfg.model.remat,
-        "tower_chunk_rows": model.tower_chunk_rows if variant == "doubling" else None,
         "nca_steps": (f"{cfg.model.min_steps}-{cfg.model.max_steps}"
                       if variant == "nondoubling" else None),
         "devices": distributed.hardware_string(), "compile_s": round(compile_s, 2),
@@ -186,7 +197,14 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="append one JSON line per variant to this file")
     p.add_argument("--inline", action="store_true",
                    help="run in this process (default: one subprocess per variant)")
+    p.add_argument("--vs-original", action="store_true",
+                   help="then time the original PyTorch step (bench_reference_torch.py; needs "
+                        "torch==2.13.0) of the NCA variants and print the speed-up")
     args = p.parse_args(argv)
+    if args.vs_original and args.nd_steps == 0:
+        p.error("--vs-original needs a fixed --nd-steps (the original's step count is fixed)")
+    if args.vs_original and not args.json:
+        args.json = tempfile.mkstemp(suffix=".jsonl")[1]
     if not args.inline:
         print(f"load average at start: {os.getloadavg()}", flush=True)
     for v in args.variants:
@@ -215,6 +233,29 @@ def main(argv=None) -> int:
                 f.write(json.dumps(res) + "\n")
     if not args.inline:
         print(f"load average at end: {os.getloadavg()}", flush=True)
+    if args.vs_original and not args.inline:
+        return _vs_original(args)
+    return 0
+
+
+def _vs_original(args) -> int:
+    """Time the original's step for the NCA variants just timed (same process order, same
+    machine, minutes apart) and print original / ours per variant."""
+    nca = [v for v in args.variants if v in ORIGINAL_SPEEDUP_TARGET]
+    if not nca:
+        return 0
+    subprocess.run([sys.executable, str(ROOT / "bench" / "bench_reference_torch.py"),
+                    "--variants", *nca, "--batch", str(args.batch), "--steps", str(args.steps),
+                    "--warmup", str(args.warmup), "--nd-steps", str(args.nd_steps or 36),
+                    "--json", args.json], check=True)
+    rows = [json.loads(line) for line in Path(args.json).read_text().splitlines() if line]
+    for v in nca:
+        ours = [r for r in rows if r["variant"] == v and "impl" not in r]
+        orig = [r for r in rows if r["variant"] == v and r.get("impl") == "torch-reference"]
+        if ours and orig:
+            o, t = orig[-1]["s_per_step"], ours[-1]["s_per_step"]
+            print(f"{v:12s} original (PyTorch) {o} s/step, ours {t} s/step: {o / t:.2f}x "
+                  f"faster (target {ORIGINAL_SPEEDUP_TARGET[v]}x)", flush=True)
     return 0
 
 

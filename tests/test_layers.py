@@ -162,15 +162,14 @@ class _FlaxResidualUpdate(nn.Module):
                        kernel_init=zeros, bias_init=zeros)(h)
 
 
-@pytest.mark.parametrize("chunk_rows", [0, 16, 50])
-def test_residual_update_equals_flax_convs(chunk_rows):
-    """The doubling update (flattened 1x1 tower, split into groups of cells or not) has the
-    parameter tree and initial values of flax nn.Conv layers and computes the same function,
-    forward and backward."""
+@pytest.mark.parametrize("algorithm", ["winograd", "im2col"])
+def test_residual_update_equals_flax_convs(algorithm):
+    """The doubling update (its 1x1 tower on flattened cells) has the parameter tree and initial
+    values of flax nn.Conv layers and computes the same function, forward and backward."""
     from vnca.models.nca import ResidualUpdate
 
     s = jax.random.normal(jax.random.key(0), (2, 8, 8, 6))
-    ours = ResidualUpdate(6, 5, 2, "winograd", chunk_rows)
+    ours = ResidualUpdate(6, 5, 2, algorithm)
     ref = _FlaxResidualUpdate(6, 5, 2)
     params = ours.init(jax.random.key(1), s)
     want_params = ref.init(jax.random.key(1), s)
@@ -189,36 +188,3 @@ def test_residual_update_equals_flax_convs(chunk_rows):
     want_g = jax.grad(functools.partial(loss, ref), argnums=(0, 1))(params, s)
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(want_g)):
         np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
-
-
-@pytest.mark.parametrize("n_rows, chunk_rows, want", [
-    (32768, 2048, 16), (32768, 0, 1), (100, 100, 1), (100, 30, 4), (7, 3, 7), (96, 40, 3),
-])
-def test_tower_groups(n_rows, chunk_rows, want):
-    """The fewest groups that divide the rows evenly with at most chunk_rows rows each."""
-    from vnca.models.nca import n_groups
-
-    n = n_groups(n_rows, chunk_rows)
-    assert n == want and n_rows % n == 0
-    assert chunk_rows == 0 or n_rows // n <= chunk_rows or n == n_rows
-
-
-def test_chunked_rows_keeps_each_row_in_place():
-    """Row r of the output is f of row r of the input, whatever the grouping."""
-    from vnca.models.nca import chunked_rows
-
-    x = jnp.arange(24 * 3, dtype=jnp.float32).reshape(24, 3)
-    for chunk_rows in (0, 5, 8, 24):
-        y = chunked_rows(lambda a: a * 2.0 + a[:, :1], x, chunk_rows)
-        np.testing.assert_array_equal(y, x * 2.0 + x[:, :1])
-
-
-def test_negative_tower_chunk_rows_is_a_config_error():
-    from vnca.errors import ConfigError
-    with pytest.raises(ConfigError, match="tower_chunk_rows"):
-        config.load(["configs/doubling.yaml"], ["model.tower_chunk_rows=-1"])
-    assert config.load(["configs/doubling.yaml"], []).model.tower_chunk_rows is None
-    cfg = config.load(["configs/doubling.yaml"], ["model.tower_chunk_rows=0"])
-    assert build_model(cfg).tower_chunk_rows == 0
-    assert build_model(config.load(["configs/doubling.yaml"], [])).tower_chunk_rows == (
-        2048 if jax.default_backend() == "cpu" else 0)

@@ -69,12 +69,6 @@ class ModelConfig:
     # CPU), "im2col" (one matmul over 9 shifted copies) or "xla" (the backend's own conv, for
     # GPU/TPU; slow inside a scan on XLA:CPU). Neither O nor R: a speed choice, see layers.py.
     conv_algorithm: Literal["winograd", "im2col", "xla"] = "winograd"
-    # Doubling VNCA: cells per group when the update net's 1x1 tower runs as a loop over groups
-    # of cells, each recomputed and differentiated on its own (`nca.chunked_rows`; 0: one
-    # group). The same math: on a CPU a group's activations stay in cache (a 32x32 step at
-    # batch 32, forward and backward: 1.07 s at 2048 against 1.81 s unsplit). null: 2048 on a
-    # CPU, 0 on GPU/TPU (whose large matmuls want every cell at once).
-    tower_chunk_rows: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,8 +352,6 @@ def validate(cfg: Config) -> Config:
     ]:
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
-    if m.tower_chunk_rows is not None and m.tower_chunk_rows < 0:
-        raise ConfigError(f"model.tower_chunk_rows must be >= 0 or null, got {m.tower_chunk_rows}")
     if not 0.0 < m.update_prob <= 1.0:
         raise ConfigError(f"model.update_prob must be in (0, 1], got {m.update_prob}")
     if not 1 <= m.min_steps <= m.max_steps:

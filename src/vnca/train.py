@@ -60,8 +60,7 @@ RESUMABLE_KEYS = ("name", "smoke", "train.steps", "train.learning_rate", "train.
                   "train.clip_norm", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.log_every", "train.val_every", "train.val_images",
                   "train.val_iw_samples", "eval", "hardware",
-                  "model.remat", "model.conv_algorithm",  # the same math, computed differently
-                  "model.tower_chunk_rows")
+                  "model.remat", "model.conv_algorithm")  # the same math, computed differently
 
 
 # ---------------------------------------------------------------------------------------------

@@ -167,8 +167,9 @@ def dilate(x_BxHxWxC: jax.Array, stride: int) -> jax.Array:
 def pointwise(x_BxHxWxC: jax.Array, w_CxF: jax.Array) -> jax.Array:
     """A 1x1 conv as a 2-D matmul over the flattened cells. On XLA:CPU the kernel gradient of a
     dot over a 4-D input (a contraction over B, H and W) is far slower than over its 2-D
-    reshape (a doubling NCA step at 32x32, batch 32, forward and backward: 2.06 s against
-    1.41 s)."""
+    reshape: a doubling NCA step at 32x32, batch 32, forward and backward took 2.06 s against
+    1.41 s; whole training steps at batch 32, in the same run, 19.4 s against 15.5 s
+    (doubling) and 6.3 s against 5.0 s (non-doubling)."""
     *lead, c = x_BxHxWxC.shape
     return jnp.dot(x_BxHxWxC.reshape(-1, c), w_CxF).reshape(*lead, w_CxF.shape[-1])
 
@@ -217,23 +218,6 @@ class Conv(nn.Module):
         if self.use_bias:
             y = y + self.param("bias", init, (self.features,))
         return y
-
-
-class PointwiseWeights(nn.Module):
-    """The parameters of a 1x1 `Conv` (same names, shapes and initial values), returned as a
-    `CxF` matrix and an `F` bias (or None) for code that applies them itself."""
-
-    features: int
-    fan_in: int
-    zero_init: bool = False
-    use_bias: bool = True
-
-    @nn.compact
-    def __call__(self, channels: int) -> tuple[jax.Array, jax.Array | None]:
-        init = nn.initializers.zeros if self.zero_init else _uniform(1.0 / math.sqrt(self.fan_in))
-        w_1x1xCxF = self.param("kernel", init, (1, 1, channels, self.features))
-        b_F = self.param("bias", init, (self.features,)) if self.use_bias else None
-        return w_1x1xCxF[0, 0], b_F
 
 
 def conv(features: int, kernel: int, fan_in: int, *, stride: int = 1, padding: int = 0,

@@ -17,73 +17,36 @@ every T in the range, run without the cond.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vnca.models.layers import PointwiseWeights, conv
+from vnca.models.layers import conv
 
 UpdateFn = Callable[[jax.Array], jax.Array]
 
 
 class ResidualUpdate(nn.Module):
     """Doubling VNCA update: Conv3x3 C->h, 4 x Residual[Conv1x1, ELU, Conv1x1], Conv1x1 h->C.
-
-    The 1x1 tower runs on the flattened cells (`residual_tower`); with `tower_chunk_rows` it runs
-    as a `lax.map` over groups of at most that many cells with `jax.checkpoint` on each group,
-    so its backward pass recomputes and differentiates one cache-sized group at a time."""
+    The 1x1 tower runs on the flattened cells (see `layers.pointwise`)."""
 
     channels: int
     hidden: int
     n_blocks: int = 4
     conv_algorithm: str = "winograd"
-    tower_chunk_rows: int = 0
 
     @nn.compact
     def __call__(self, s_BxHxWxC: jax.Array) -> jax.Array:
         h = conv(self.hidden, 3, 9 * self.channels, padding=1,
                  algorithm=self.conv_algorithm)(s_BxHxWxC)
-        n_1x1 = 2 * self.n_blocks + 1  # parameter names Conv_1.. as if nn.Conv modules
-        weights = [PointwiseWeights(self.hidden, self.hidden, name=f"Conv_{i + 1}")(self.hidden)
-                   for i in range(n_1x1 - 1)]
-        weights.append(PointwiseWeights(self.channels, self.hidden, zero_init=True,
-                                        name=f"Conv_{n_1x1}")(self.hidden))
-        out_NxC = chunked_rows(functools.partial(residual_tower, weights),
-                               h.reshape(-1, self.hidden), self.tower_chunk_rows)
+        h_NxF = h.reshape(-1, self.hidden)
+        for _ in range(self.n_blocks):
+            r_NxF = nn.elu(conv(self.hidden, 1, self.hidden)(h_NxF))
+            h_NxF = h_NxF + conv(self.hidden, 1, self.hidden)(r_NxF)
+        out_NxC = conv(self.channels, 1, self.hidden, zero_init=True)(h_NxF)
         return out_NxC.reshape(*s_BxHxWxC.shape[:-1], self.channels)
-
-
-def residual_tower(weights: list, h_NxF: jax.Array) -> jax.Array:
-    """The doubling update's 1x1 part on flattened cells: (w, b) pairs of n residual blocks
-    [1x1, ELU, 1x1] (identity skip) and the output 1x1."""
-    for (w1, b1), (w2, b2) in zip(weights[:-1:2], weights[1:-1:2], strict=True):
-        h_NxF = h_NxF + (jnp.dot(nn.elu(jnp.dot(h_NxF, w1) + b1), w2) + b2)
-    w_out, b_out = weights[-1]
-    return jnp.dot(h_NxF, w_out) + b_out
-
-
-def chunked_rows(f: Callable[[jax.Array], jax.Array], x_NxF: jax.Array,
-                 chunk_rows: int) -> jax.Array:
-    """f (row-wise) over the rows of x, as a `lax.map` over n groups of at most `chunk_rows`
-    rows with `jax.checkpoint` on each (n = 1: f itself). Group j holds rows j, j + n, ...,
-    so rows sharded in contiguous blocks stay evenly sharded."""
-    n_rows = x_NxF.shape[0]
-    n = n_groups(n_rows, chunk_rows)
-    if n == 1:
-        return f(x_NxF)
-    grouped = x_NxF.reshape(n_rows // n, n, -1).swapaxes(0, 1)
-    out = jax.lax.map(jax.checkpoint(f), grouped)
-    return out.swapaxes(0, 1).reshape(n_rows, -1)
-
-
-def n_groups(n_rows: int, chunk_rows: int) -> int:
-    """The fewest groups (a divisor of n_rows) of at most `chunk_rows` rows; 1 for 0."""
-    if chunk_rows <= 0 or n_rows <= chunk_rows:
-        return 1
-    return next(n for n in range(2, n_rows + 1) if n_rows % n == 0 and n_rows // n <= chunk_rows)
 
 
 class SimpleUpdate(nn.Module):

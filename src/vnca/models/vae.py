@@ -21,11 +21,6 @@ from vnca.models import nca
 from vnca.models.baseline import BaselineDecoder
 from vnca.models.encoder import Encoder
 
-# Cells per group of the doubling update's 1x1 tower on a CPU (`nca.chunked_rows`): a group's
-# activations (2048 x 256 floats, 2 MB) fit the cache; 2048 and 4096 measured alike, 0 (no
-# split) 1.7x slower for a 32x32 step at batch 32.
-TOWER_CHUNK_ROWS_CPU = 2048
-
 
 @dataclasses.dataclass(frozen=True)
 class VAE:
@@ -50,17 +45,8 @@ class VAE:
             return BaselineDecoder(c.z_dim, c.baseline_output)
         if c.variant == "doubling":
             return nca.ResidualUpdate(c.z_dim, c.nca_hidden, c.n_residual_blocks,
-                                      c.conv_algorithm, self.tower_chunk_rows)
+                                      c.conv_algorithm)
         return nca.SimpleUpdate(c.z_dim, c.nca_hidden, c.last_layer_bias, c.conv_algorithm)
-
-    @property
-    def tower_chunk_rows(self) -> int:
-        """`model.tower_chunk_rows`, with null resolved for the backend JAX runs on (a choice of
-        how to compute, not of what: every value gives the same function)."""
-        rows = self.cfg.tower_chunk_rows
-        if rows is None:
-            return TOWER_CHUNK_ROWS_CPU if jax.default_backend() == "cpu" else 0
-        return rows
 
     def init(self, key: jax.Array) -> dict:
         k_enc, k_dec = jax.random.split(key)
