@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
@@ -61,6 +60,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from benchlib import emit
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -247,15 +247,11 @@ def main(argv=None) -> int:
     print(f"load average at start: {os.getloadavg()}", flush=True)
     for v in args.variants:
         res = run_one(v, args.batch, args.steps, args.warmup, args.nd_steps, args.nd_grid)
-        res["load_avg"] = [round(x, 2) for x in os.getloadavg()]
-        print(json.dumps(res), flush=True)
-        print(f"{v:12s} torch {res['torch']} ({res['threads']} threads), batch {res['batch']}, "
-              f"{res['grid']}x{res['grid']} grid, {res['nca_steps']} NCA steps: "
-              f"{res['s_per_step']} s/step, {res['images_per_s']} img/s, matmul "
-              f"{max(res['matmul_gflops'])} GFLOP/s, load {res['load_avg']}", flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(res) + "\n")
+        emit(res, args.json, lambda r: (
+            f"{r['variant']:12s} torch {r['torch']} ({r['threads']} threads), batch "
+            f"{r['batch']}, {r['grid']}x{r['grid']} grid, {r['nca_steps']} NCA steps: "
+            f"{r['s_per_step']} s/step, {r['images_per_s']} img/s, matmul "
+            f"{max(r['matmul_gflops'])} GFLOP/s, load {r['load_avg']}"))
     print(f"load average at end: {os.getloadavg()}", flush=True)
     return 0
 

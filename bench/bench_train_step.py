@@ -63,6 +63,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import emit
+
 ROOT = Path(__file__).resolve().parents[1]
 # Issue 4's targets as speed-ups over the original PyTorch step on the same CPU: doubling
 # 18.9 s -> 9 s, non-doubling (T = 36) 4.2 s -> 2 s.
@@ -221,16 +223,12 @@ def main(argv=None) -> int:
                 cmd += ["--json", args.json]
             subprocess.run(cmd, check=True)
             continue
-        res["load_avg"] = [round(x, 2) for x in os.getloadavg()]
-        print(json.dumps(res), flush=True)
-        print(f"{v:12s} batch {res['batch']}, remat {res['remat']}: compile {res['compile_s']} s, "
-              f"{res['s_per_step']} s/step, {res['images_per_s']} img/s, peak "
-              f"{res['peak_mem_gb']} GB, {res['tflop']} TFLOP/step (model {res['model_tflop']}),"
-              f" matmul {max(res['matmul_gflops'])} GFLOP/s -> floor {res['floor_s']} s "
-              f"({res['pct_of_matmul']} % of matmul peak)", flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(res) + "\n")
+        emit(res, args.json, lambda r: (
+            f"{r['variant']:12s} batch {r['batch']}, remat {r['remat']}: compile "
+            f"{r['compile_s']} s, {r['s_per_step']} s/step, {r['images_per_s']} img/s, peak "
+            f"{r['peak_mem_gb']} GB, {r['tflop']} TFLOP/step (model {r['model_tflop']}), matmul "
+            f"{max(r['matmul_gflops'])} GFLOP/s -> floor {r['floor_s']} s "
+            f"({r['pct_of_matmul']} % of matmul peak)"))
     if not args.inline:
         print(f"load average at end: {os.getloadavg()}", flush=True)
     if args.vs_original and not args.inline:
