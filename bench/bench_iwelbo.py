@@ -13,10 +13,11 @@ machine slow every figure down.
 Measured on the 2-core dev CPU (load 1.7-1.9, matmul 274-299 GFLOP/s), 8 images in one batch,
 chunks of 8 samples: 134.4 s per 8 images with `model.conv_algorithm=im2col` (2.05x the
 reproduction), 101.0 s with the default Winograd conv (2.73x); the target 69 s is not met.
-On 2026-12-01 the machine was slower (matmul 147-170 GFLOP/s): 143.5 s with the update net's 1x1
-convs over 4-D arrays, 122.3 s with them over the flattened cells (matmul 151-165 GFLOP/s; 2.26x
-the 276 s measured at 274-299 GFLOP/s, about 4.1x when that figure is scaled by the matmul rate;
-an estimate, R's code was not rerun).
+On 2026-12-01 the machine was slower. With the update net's 1x1 convs over the flattened cells,
+the default took 122.3 s (matmul 151-165 GFLOP/s). That is 2.26x the 276 s measured at 274-299
+GFLOP/s, and about 4.1x when that figure is scaled by the matmul rate; the scaling is an
+estimate, since R's code was not rerun. An earlier run that day took 143.5 s (matmul 147-170
+GFLOP/s) with the 1x1 tower split into groups of 2048 cells, an idea since dropped.
 """
 
 from __future__ import annotations

@@ -206,7 +206,8 @@ def main(argv=None) -> int:
     if args.vs_original and args.nd_steps == 0:
         p.error("--vs-original needs a fixed --nd-steps (the original's step count is fixed)")
     if args.vs_original and not args.json:
-        args.json = tempfile.mkstemp(suffix=".jsonl")[1]
+        fd, args.json = tempfile.mkstemp(suffix=".jsonl")
+        os.close(fd)
     if not args.inline:
         print(f"load average at start: {os.getloadavg()}", flush=True)
     for v in args.variants:
@@ -242,10 +243,11 @@ def _vs_original(args) -> int:
     nca = [v for v in args.variants if v in ORIGINAL_SPEEDUP_TARGET]
     if not nca:
         return 0
+    grid = 32 if "data.pad_to=32" in args.overrides else 28  # the non-doubling grid we timed
     subprocess.run([sys.executable, str(ROOT / "bench" / "bench_reference_torch.py"),
                     "--variants", *nca, "--batch", str(args.batch), "--steps", str(args.steps),
-                    "--warmup", str(args.warmup), "--nd-steps", str(args.nd_steps or 36),
-                    "--json", args.json], check=True)
+                    "--warmup", str(args.warmup), "--nd-steps", str(args.nd_steps),
+                    "--nd-grid", str(grid), "--json", args.json], check=True)
     rows = [json.loads(line) for line in Path(args.json).read_text().splitlines() if line]
     for v in nca:
         ours = [r for r in rows if r["variant"] == v and "impl" not in r]
