@@ -26,6 +26,8 @@ def evaluate(
     metrics.log_metric("iwelbo_nats", float(iw["mean_nats"]))
     metrics.log_metric("iwelbo_stderr_nats", float(iw["stderr_nats"]))
     metrics.log_metric("bits_per_dim", float(iw["bits_per_dim"]))
+    if "reconstruction" in result:
+        metrics.log_metric("reconstruction_accuracy", float(result["reconstruction"]["accuracy"]))
 
 
 evaluate_op = component(evaluate)

@@ -21,7 +21,7 @@ def compile_pipeline(
     target: str = "vertex-tpu",
     image: str | None = None,
     configs: Sequence[str | Path | vnca_config.Config] | None = None,
-    smoke: bool = False,
+    tier: str = "paper",
     overrides: Sequence[str] = (),
 ) -> Path:
     """Write the compiled pipeline for `target` to `output`; return its path."""
@@ -31,7 +31,7 @@ def compile_pipeline(
     if not output.parent.is_dir():
         raise UserError(f"{output.parent}: directory not found")
     pipeline_func = build_pipeline(
-        target=target, image=image, configs=configs, smoke=smoke, overrides=overrides
+        target=target, image=image, configs=configs, tier=tier, overrides=overrides
     )
     tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")  # kfp wants a .yaml name
     compiler.Compiler().compile(pipeline_func, str(tmp))

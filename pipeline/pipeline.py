@@ -45,6 +45,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_VARIANTS = ("baseline", "doubling", "nondoubling")
 SMOKE_CONFIG = CONFIG_DIR / "smoke.yaml"
+# Run sizes (vnca.config.Config.tier): "paper" uses a variant file alone; "smoke" layers
+# configs/smoke.yaml on any variant; "demo" and "cpu" layer configs/<tier>/<variant>.yaml.
+TIERS = ("paper", "cpu", "demo", "smoke")
 # Boot disk of each custom job (the image with jax[tpu] or CUDA is several GB).
 BOOT_DISK_GB = 100
 # Custom jobs run as the pipeline's service account (so they can read and write its root).
@@ -83,21 +86,34 @@ def default_config_paths() -> list[Path]:
     return [CONFIG_DIR / f"{name}.yaml" for name in DEFAULT_VARIANTS]
 
 
+def tier_overlay(tier: str, variant: str) -> Path | None:
+    """The overlay file that sizes a `variant` config for `tier` (None for "paper")."""
+    if tier not in TIERS:
+        raise UserError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
+    if tier == "paper":
+        return None
+    path = SMOKE_CONFIG if tier == "smoke" else CONFIG_DIR / tier / f"{variant}.yaml"
+    if not path.is_file():
+        raise UserError(f"{path}: the {tier} tier's overlay for the {variant} model is missing")
+    return path
+
+
 def load_variants(
     configs: Sequence[str | Path | vnca_config.Config] | None = None,
-    smoke: bool = False,
+    tier: str = "paper",
     overrides: Sequence[str] = (),
 ) -> list[Variant]:
-    """One Variant per config file (or Config): `smoke` layers configs/smoke.yaml on each file,
-    then the `key=value` overrides apply to every variant."""
+    """One Variant per config file (or Config): the `tier`'s overlay for the file's model goes
+    on top of each file, then the `key=value` overrides apply to every variant."""
     variants = []
     for item in configs or default_config_paths():
         if isinstance(item, vnca_config.Config):
-            if smoke or overrides:
-                raise UserError("smoke and overrides apply to config files, not Config objects")
+            if tier != "paper" or overrides:
+                raise UserError("tiers and overrides apply to config files, not Config objects")
             cfg = item
         else:
-            cfg = vnca_config.load([item, SMOKE_CONFIG] if smoke else [item], list(overrides))
+            overlay = tier_overlay(tier, vnca_config.load([item]).model.variant)
+            cfg = vnca_config.load([item] + ([overlay] if overlay else []), list(overrides))
         variants.append(Variant(cfg.name, cfg))
     check_variant_names([v.name for v in variants])
     return variants
@@ -148,9 +164,9 @@ def _step_op(func, variant: Variant, target: str, image: str, step: str):
     return _custom_job_op(func, variant, target, image, step)
 
 
-def default_data_params(target: str, smoke: bool = False) -> dict:
+def default_data_params(target: str, tier: str = "paper") -> dict:
     """Data parameters' defaults: the bundled sample locally or for smoke runs, else full data."""
-    if target == "local" or smoke:
+    if target == "local" or tier == "smoke":
         return {"data_source": "bundled", "raw_dir": "", "download": False, "tfds_dir": ""}
     return {"data_source": "raw", "raw_dir": "", "download": True, "tfds_dir": ""}
 
@@ -159,21 +175,22 @@ def build_pipeline(
     target: str = "vertex-tpu",
     image: str | None = None,
     configs: Sequence[str | Path | vnca_config.Config] | None = None,
-    smoke: bool = False,
+    tier: str = "paper",
     overrides: Sequence[str] = (),
 ):
-    """The @dsl.pipeline for `target`, every step in `image`, one variant per config."""
+    """The @dsl.pipeline for `target`, every step in `image`, one variant per config sized
+    for `tier`."""
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     image = image or default_image(target)
-    variants = load_variants(configs, smoke, overrides)
+    variants = load_variants(configs, tier, overrides)
 
     prepare_op = component(prepare_data, image)
     train_ops = {v.name: _step_op(train, v, target, image, "train") for v in variants}
     evaluate_ops = {v.name: _step_op(evaluate, v, target, image, "evaluate") for v in variants}
     report_op = report_component([v.name for v in variants], image)
 
-    data_defaults = default_data_params(target, smoke)
+    data_defaults = default_data_params(target, tier)
     params = [
         inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value,
                           annotation=type(value))

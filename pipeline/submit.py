@@ -114,7 +114,7 @@ def submit(
     image: str | None = None,
     configs: Sequence[str | Path | vnca_config.Config] | None = None,
     dry_run: bool = False,
-    smoke: bool = False,
+    tier: str = "paper",
     overrides: Sequence[str] = (),
 ) -> str | None:
     """Compile for `target` and submit; return the job's resource name (None for a dry run)."""
@@ -129,7 +129,7 @@ def submit(
     with tempfile.TemporaryDirectory(prefix="vnca-submit-") as tmp:
         template = compile_pipeline(
             Path(tmp) / "pipeline.yaml", target=target, image=image, configs=configs,
-            smoke=smoke, overrides=overrides,
+            tier=tier, overrides=overrides,
         )
         spec = yaml.safe_load(template.read_text())
         params = parameter_values(spec)

@@ -30,7 +30,7 @@ def test_smoke_overlay_keeps_the_variant_and_shrinks_the_run():
 
 def test_set_overrides_are_typed():
     c = config.load("configs/doubling.yaml", ["train.batch_size=64", "model.eval_steps=36",
-                                             "train.learning_rate=3e-4", "smoke=true"])
+                                             "train.learning_rate=3e-4", "tier=smoke"])
     assert c.train.batch_size == 64 and c.model.eval_steps == 36
     assert c.train.learning_rate == pytest.approx(3e-4) and c.smoke is True
 

@@ -168,13 +168,14 @@ def test_damage_lowers_the_likelihood_by_the_square_of_grey_pixels():
     d_at, rec = 3, 2
     res = damage.damage_recovery(model, params, x, np.arange(3), jax.random.key(0), d_at, rec,
                                  batch_size=2, progress=False)
-    ll = res["ll_NxS"]
-    steps = res["steps_S"]
-    assert list(steps) == [0, 1, 2, 3, 3, 4, 5]
+    kept, hit = res["ll_undamaged_NxS"], res["ll_damaged_NxR1"]
+    assert list(res["steps_undamaged_S"]) == [0, 1, 2, 3, 4, 5]
+    assert list(res["steps_damaged_R1"]) == [3, 4, 5]
     size = cfg.model.damage_size
     top, left = damage.centred_square(n, size)
     assert (top, left) == ((n - size) // 2,) * 2
-    # Independent numbers: logit 20 everywhere before; 0 (log 1/2 per pixel) in the square after.
+    # Independent numbers: logit 20 everywhere without damage; 0 (log 1/2 per pixel) in the
+    # square after it, and the zero update never repairs it.
     on = x[..., 0].reshape(3, -1).sum(-1)
     before = -(on * np.logaddexp(0, -20.0) + (n * n - on) * np.logaddexp(0, 20.0))
     hole = np.zeros((n, n), bool)
@@ -182,15 +183,42 @@ def test_damage_lowers_the_likelihood_by_the_square_of_grey_pixels():
     on_hole = x[:, hole, 0].sum(-1)
     after = (before + on_hole * np.logaddexp(0, -20.0)
              + (size * size - on_hole) * np.logaddexp(0, 20.0) - size * size * math.log(2))
-    np.testing.assert_allclose(ll[:, : d_at + 1], np.repeat(before[:, None], d_at + 1, 1),
+    np.testing.assert_allclose(kept, np.repeat(before[:, None], d_at + rec + 1, 1),
                                rtol=1e-5, atol=1e-3)
-    np.testing.assert_allclose(ll[:, d_at + 1:], np.repeat(after[:, None], rec + 1, 1),
-                               rtol=1e-5, atol=1e-3)
-    s = damage.summarize(ll, d_at)
-    assert s["after_damage"] < s["before"]
-    assert s["before"] - s["after_damage"] > 100       # all-on images lose 196 log 2 nats
-    assert s["share_images_lower_after_damage"] == 1.0
-    assert s["after_recovery"] == pytest.approx(s["after_damage"])
+    np.testing.assert_allclose(hit, np.repeat(after[:, None], rec + 1, 1), rtol=1e-5, atol=1e-3)
+    s = damage.summarize(kept, hit, d_at)
+    assert s["meaningful"] and s["share_images_lower_after_damage"] == 1.0
+    assert s["damage_drop"] == pytest.approx(np.mean(before - after), rel=1e-5)
+    assert s["damage_drop"] > 100                      # all-on images lose 196 log 2 nats
+    assert s["recovered_fraction"] == pytest.approx(0.0, abs=1e-6)  # nothing regrows
+
+
+def test_damage_that_raises_the_score_is_not_called_recovery():
+    """All-off images under logits of 20: every pixel costs 20 nats until damage greys the
+    square (log 2 each), so damage raises the score and no fraction is given."""
+    cfg, model, params = _saturated_nondoubling()
+    n = cfg.data.pad_to
+    x = np.zeros((2, n, n, 1), np.float32)
+    res = damage.damage_recovery(model, params, x, np.arange(2), jax.random.key(0), 2, 2,
+                                 batch_size=2, progress=False)
+    s = damage.summarize(res["ll_undamaged_NxS"], res["ll_damaged_NxR1"], 2)
+    size = cfg.model.damage_size
+    gain = size * size * (np.logaddexp(0, 20.0) - math.log(2))
+    assert s["after_damage"] - s["undamaged_final"] == pytest.approx(gain, rel=1e-5)
+    assert not s["meaningful"] and s["recovered_fraction"] is None
+    assert s["share_images_lower_after_damage"] == 0.0
+
+
+def test_recovered_fraction_is_measured_against_the_undamaged_run():
+    # Undamaged: -120 at the damage step, still improving to -100; damaged: -150 -> -110.
+    kept = np.array([[-200.0, -120.0, -110.0, -100.0], [-200.0, -120.0, -110.0, -100.0]])
+    hit = np.array([[-150.0, -130.0, -110.0], [-150.0, -130.0, -110.0]])
+    s = damage.summarize(kept, hit, 1)
+    assert (s["before"], s["undamaged_final"]) == (-120.0, -100.0)
+    assert (s["after_damage"], s["after_recovery"]) == (-150.0, -110.0)
+    # Against the state before the damage it would look like 40 / 30 > 100 % recovered.
+    assert s["recovered_fraction"] == pytest.approx(40.0 / 50.0)
+    assert s["meaningful"] and s["damage_drop"] == 50.0
 
 
 def test_probe_split_keeps_every_image_on_one_side():

@@ -96,16 +96,25 @@ def _load(model_dir):
 def test_damage_probe_tsne_interpolation_arrays(nondoubling_run):
     r = nondoubling_run
     m, a, y = r["metrics"], r["arrays"], r["y"]
-    # Damage: steps 0..2, the damaged state at 2, then 3..4; means per column.
-    assert list(a["damage_curve_steps"]) == [0, 1, 2, 2, 3, 4]
-    ll = a["damage_ll"].astype(np.float64)
-    assert ll.shape == (4, 6)
-    np.testing.assert_allclose(a["damage_curve_ll"], ll.mean(0), rtol=1e-5)
+    # Damage: the undamaged run over steps 0..4, the damaged one over 2..4.
+    assert list(a["damage_steps_undamaged"]) == [0, 1, 2, 3, 4]
+    assert list(a["damage_steps_damaged"]) == [2, 3, 4]
+    kept = a["damage_ll_undamaged"].astype(np.float64)
+    hit = a["damage_ll_damaged"].astype(np.float64)
+    assert kept.shape == (4, 5) and hit.shape == (4, 3)
     d = m["damage"]
     assert (d["n_images"], d["damage_at"], d["recovery_steps"]) == (4, 2, 2)
-    assert d["before"] == pytest.approx(ll[:, 2].mean(), rel=1e-5)
-    assert d["after_damage"] == pytest.approx(ll[:, 3].mean(), rel=1e-5)
-    assert d["after_recovery"] == pytest.approx(ll[:, -1].mean(), rel=1e-5)
+    assert d["before"] == pytest.approx(kept[:, 2].mean(), rel=1e-5)
+    assert d["undamaged_final"] == pytest.approx(kept[:, -1].mean(), rel=1e-5)
+    assert d["after_damage"] == pytest.approx(hit[:, 0].mean(), rel=1e-5)
+    assert d["after_recovery"] == pytest.approx(hit[:, -1].mean(), rel=1e-5)
+    if d["meaningful"]:
+        assert d["recovered_fraction"] == pytest.approx(
+            (hit[:, -1].mean() - hit[:, 0].mean()) / (kept[:, -1].mean() - hit[:, 0].mean()),
+            rel=1e-4)
+    else:
+        assert d["recovered_fraction"] is None
+        assert hit[:, 0].mean() >= kept[:, -1].mean() - 1e-3
     # Probe: split by image, nothing on both sides.
     p = m["probe"]
     tr, te = set(a["probe_train_index"]), set(a["probe_test_index"])

@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from html import escape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -31,15 +32,37 @@ RUNS = {
     "nondoubling": (-91.5, 0.30, 128, 10000, 80000, 1234.0, "NVIDIA A100", 1),
     "baseline": (-84.0, 0.20, 128, 10000, 50000, 42.5, "cpu", 1),
 }
+SHOWN_ORDER = ["baseline", "doubling", "nondoubling"]  # the report's order of variants
 ALL_FIGURES = set(artifacts.EVAL_FIGURES)
 FIGURES = {
     "doubling": ALL_FIGURES,
-    "nondoubling": ALL_FIGURES - {"interpolations.png"},  # damage_curve.png is written empty
+    "nondoubling": ALL_FIGURES - {"interpolations.png"},  # probe.png is written empty
     "baseline": {"samples.png", "samples_binary.png", "reconstructions.png", "tsne.png",
                  "interpolations.png"},
 }
-DAMAGE = {"before": -90.0, "after_damage": -150.0, "after_recovery": -100.0, "n_images": 16,
-          "damage_at": 4}
+DAMAGE = {"n_images": 16, "before": -90.0, "before_stderr": 1.5, "undamaged_final": -88.0,
+          "undamaged_final_stderr": 1.25, "after_damage": -150.0, "after_damage_stderr": 3.0,
+          "after_recovery": -100.0, "after_recovery_stderr": 2.0, "damage_drop": 62.0,
+          "meaningful": True, "recovered_fraction": 50.0 / 62.0,
+          "share_images_lower_after_damage": 0.9375, "damage_at": 4, "recovery_steps": 4,
+          "square": {"top": 7, "left": 7, "size": 14, "position": "centred"}}
+# Digit-classifier numbers per variant: (reconstruction accuracy, classifier on the originals,
+# prior samples' mean top-class probability, prior samples' label histogram)
+QUALITY = {
+    "doubling": (0.912, 0.93, 0.8765, [3, 4, 3, 3, 3, 3, 3, 4, 3, 3]),
+    "nondoubling": (0.5, 0.93, 0.4, [0, 0, 22, 10, 0, 0, 0, 0, 0, 0]),
+    "baseline": (0.875, 0.93, 0.9, [4, 3, 3, 3, 3, 3, 3, 3, 3, 4]),
+}
+UNTRAINED = {"n_images": 8, "k": 4, "mean_nats": -543.25, "stderr_nats": 3.5,
+             "bits_per_dim": 1.0, "stderr_bits_per_dim": 0.01, "n_pixels": 784,
+             "trained_same_images_nats": -87.5}
+# Damage curves (arrays.npz): 3 images, undamaged over steps 0..8, damaged from step 4.
+LL_UNDAMAGED = np.array([[-200, -150, -120, -100, -95, -92, -90, -89, -88],
+                         [-210, -160, -125, -105, -96, -93, -91, -90, -89],
+                         [-190, -140, -115, -95, -94, -91, -89, -88, -87]], float)
+LL_DAMAGED = np.array([[-150, -130, -110, -104, -100],
+                       [-152, -131, -112, -103, -101],
+                       [-148, -129, -108, -105, -99]], float)
 HIST_COUNTS = [5, 20, 40, 10, 2]
 HIST_EDGES = [0.0, 50.0, 100.0, 200.0, 400.0, 800.0]
 
@@ -75,21 +98,34 @@ def _write_eval(d: Path, variant: str, smoke: bool) -> None:
     iw = {"k": k, "n_images": n, "mean_nats": mean, "stderr_nats": se}
     if variant != "baseline":  # the baseline's bits/dim is left for the report to compute
         iw["bits_per_dim"] = -mean / (LN2 * 784)
-    metrics = {"variant": variant, "name": variant, "smoke": smoke, "iwelbo": iw}
+    recon, originals, top, hist = QUALITY[variant]
+    metrics = {"variant": variant, "name": variant, "smoke": smoke,
+               "tier": "smoke" if smoke else "paper", "iwelbo": iw,
+               "classifier": {"kind": "MLP, 256 ReLU units (scikit-learn)", "n_train": 60000,
+                              "test_accuracy": 0.9781},
+               "reconstruction": {"n_images": 32, "accuracy": recon,
+                                  "classifier_accuracy_originals": originals},
+               "prior_samples": {"n_images": sum(hist), "mean_top_probability": top,
+                                 "label_histogram": hist},
+               "untrained": UNTRAINED}
     if variant != "baseline":
         metrics["damage"] = DAMAGE
         metrics["probe"] = {"accuracy": 0.9123, "n_train_images": 1500, "n_test_images": 500}
     metrics["tsne"] = {"n_images": 64}
+    if variant == "baseline":
+        metrics["tsne"]["knn10_accuracy_latent"] = 0.8125
     (d / artifacts.EVAL_METRICS).write_text(json.dumps(metrics))
     for i, fname in enumerate(sorted(FIGURES[variant])):
         _png(d / fname, seed=i)
     if variant == "nondoubling":
-        (d / "damage_curve.png").write_bytes(b"")
+        (d / "probe.png").write_bytes(b"")
     if variant != "baseline":
         rng = np.random.default_rng(0)
-        np.savez(d / artifacts.EVAL_ARRAYS, tsne_xy=rng.normal(size=(64, 2)),
-                 tsne_labels=rng.integers(0, 10, 64),
-                 damage_curve_steps=np.arange(9), damage_curve_ll=-100 - rng.random(9))
+        arrays = {"tsne_xy": rng.normal(size=(64, 2)), "tsne_labels": rng.integers(0, 10, 64)}
+        if variant == "nondoubling":
+            arrays.update(damage_steps_undamaged=np.arange(9), damage_ll_undamaged=LL_UNDAMAGED,
+                          damage_steps_damaged=np.arange(4, 9), damage_ll_damaged=LL_DAMAGED)
+        np.savez(d / artifacts.EVAL_ARRAYS, **arrays)
 
 
 def _distribution(scale: float) -> dict:
@@ -241,6 +277,7 @@ def test_results_table_numbers(built):
     dirs, html_path = built
     assert html_path == dirs["out"] / artifacts.REPORT_HTML
     rows = table_dicts(parse(html_path).tables["results"])
+    details = {r["variant"]: r for r in table_dicts(parse(html_path).tables["run-details"])}
     assert [r["variant"] for r in rows] == ["baseline", "doubling", "nondoubling"]
     for r in rows:
         v = r["variant"]
@@ -255,19 +292,47 @@ def test_results_table_numbers(built):
                 assert float(r[f"{col} (nats)"]) == pytest.approx(ref)
                 expected = (mean - ref) / -ref * 100  # refs are negative log-likelihoods
                 assert float(r[f"diff vs {col} %"]) == pytest.approx(expected, abs=0.005)
-        assert int(r["steps"].replace(",", "")) == steps
-        assert int(r["K"]) == k and int(r["n images"].replace(",", "")) == n
-        assert r["hardware"].startswith(hw) and f"({ndev} device" in r["hardware"]
+        d = details[v]
+        assert int(d["training steps"].replace(",", "")) == steps
+        assert int(d["K (importance samples)"]) == k
+        assert int(d["test images"].replace(",", "")) == n
+        assert d["hardware"].startswith(hw) and f"({ndev} device" in d["hardware"]
         assert r["run"] == "SMOKE"
-    wall = {r["variant"]: r["wall time"] for r in rows}
+        recon, originals, top, _ = QUALITY[v]
+        assert r["reconstructions recognised"] == (
+            f"{100 * recon:.1f} % (classifier {100 * originals:.1f} %)")
+        assert float(r["prior samples: mean top-class probability"]) == pytest.approx(top,
+                                                                                      abs=5e-4)
+        assert r["untrained model (nats)"] == "-543.25 ± 3.50"
+        assert r["trained, same images (nats)"] == "-87.50 (8 images)"
+    wall = {v: d["training wall time"] for v, d in details.items()}
     assert wall == {"doubling": "1 h 02 min", "nondoubling": "20 min 34 s",
                     "baseline": "42.5 s"}
     # doubling: -85.0 vs paper -84.23 -> 0.77 nats lower -> -0.914 %
     assert table_dicts(parse(html_path).tables["results"])[1]["diff vs paper %"] == "-0.91"
+    assert {r["variant"]: r["reconstructions recognised"] for r in rows}["doubling"] == (
+        "91.2 % (classifier 93.0 %)")
+
+
+def test_prior_sample_labels_and_classifier(built):
+    _, html_path = built
+    doc = parse(html_path)
+    rows = {r["variant"]: r for r in table_dicts(doc.tables["prior-labels"])}
+    assert list(rows) == ["baseline", "doubling", "nondoubling"]
+    for variant, (_, _, top, hist) in QUALITY.items():
+        r = rows[variant]
+        assert [int(r[str(d)]) for d in range(10)] == hist
+        assert int(r["samples"]) == sum(hist)
+        assert float(r["mean top-class probability"]) == pytest.approx(top, abs=5e-4)
+    assert rows["nondoubling"]["most common"] == "2 (69 %)"  # 22 of 32
+    html = html_path.read_text()
+    assert ("Digit classifier: MLP, 256 ReLU units (scikit-learn), fit on 60,000 training "
+            "images, 97.8 % accurate on the test images.") in html
+    assert "80 % or more is the bar" in html
 
 
 def test_results_frame_raw_numbers():
-    ev = rpt.EvalRun(Path("e"), "doubling", "doubling", False,
+    ev = rpt.EvalRun(Path("e"), "doubling", "doubling", None,
                      {"iwelbo": {"mean_nats": -84.0, "stderr_nats": 0.1, "k": 128}}, {}, {}, {})
     df = rpt.results_frame([("doubling", ev, None)])
     r = df.iloc[0]
@@ -275,19 +340,25 @@ def test_results_frame_raw_numbers():
     assert r["diff_reproduction_pct"] == pytest.approx(100 * (-84.0 + 84.15) / 84.15)
     assert r["bits_per_dim"] == pytest.approx(84.0 / (LN2 * 784))
     assert r["steps"] is None and r["hardware"] is None
+    assert r["untrained_nats"] is None and r["reconstruction_accuracy"] is None
+    assert r["tier"] is None and not r["smoke"]
 
 
 def test_every_expected_figure_is_embedded(built):
     dirs, html_path = built
     doc = parse(html_path)
     labels = list(RUNS)
+    # Re-plotted from arrays.npz for every run that has the arrays; those runs' own PNGs of
+    # that figure are not shown again (each thing once).
+    replotted = {"tsne.png": {"doubling", "nondoubling"}, "damage_curve.png": {"nondoubling"}}
     for fname in artifacts.EVAL_FIGURES:
+        shown = [v for v in SHOWN_ORDER if v not in replotted.get(fname, set())]
         figs = {f["caption"]: f for f in doc.rows[f"fig-{fname.removesuffix('.png')}-runs"]}
-        assert set(figs) == set(labels), fname
-        for variant in labels:
+        assert list(figs) == shown, fname
+        for variant in shown:
             f = figs[variant]
             produced = fname in FIGURES[variant] and not (
-                variant == "nondoubling" and fname == "damage_curve.png")
+                variant == "nondoubling" and fname == "probe.png")
             if produced:
                 data = decode_data_uri(f["src"])
                 assert data == (dirs["evals"][labels.index(variant)] / fname).read_bytes()
@@ -295,16 +366,17 @@ def test_every_expected_figure_is_embedded(built):
             else:
                 assert f["src"] is None and f["missing"].startswith("not produced"), (fname,
                                                                                    variant)
-    assert "empty file" in {f["caption"]: f for f in doc.rows["fig-damage_curve-runs"]}[
+    assert "empty file" in {f["caption"]: f for f in doc.rows["fig-probe-runs"]}[
         "nondoubling"]["missing"]
     assert "baseline" in {f["caption"]: f for f in doc.rows["fig-growth-runs"]}[
         "baseline"]["missing"]
-    # Figures made by the report itself: non-empty PNGs of a plausible size.
+    # Figures made by the report itself: non-empty PNGs, legible at most 1,320 px wide.
     (margins,), (pairs,) = doc.rows["match-distributions"], doc.rows["match-pairs"]
     for f in doc.rows["training-curves-fig"] + doc.rows["tsne-panels"] + doc.rows[
             "recovery-curves"] + [margins]:
         w, h = png_size(decode_data_uri(f["src"]))
-        assert w > 200 and h > 150, (f["caption"], w, h)
+        assert 200 < w <= 1320 and h > 150, (f["caption"], w, h)
+    assert margins["caption"] == "Match margins: histograms and percentiles per split"
     assert decode_data_uri(pairs["src"]) == (
         dirs["data"] / artifacts.MATCHED_PAIRS_PNG).read_bytes()
     # t-SNE re-plot: one panel per run with arrays (doubling, nondoubling), side by side.
@@ -318,6 +390,36 @@ def test_every_expected_figure_is_embedded(built):
     html = html_path.read_text()
     assert html.count("<img ") == n_imgs
     assert "http://" not in html and "https://" not in html and 'src="figures' not in html
+
+
+def _eval_run(arrays: dict, metrics: dict | None = None, variant="nondoubling") -> rpt.EvalRun:
+    return rpt.EvalRun(Path("e"), variant, variant, None, metrics or {}, {}, {}, arrays)
+
+
+def test_recovery_plot_has_two_curves_per_run():
+    arrays = {"damage_steps_undamaged": np.arange(9), "damage_ll_undamaged": LL_UNDAMAGED,
+              "damage_steps_damaged": np.arange(4, 9), "damage_ll_damaged": LL_DAMAGED}
+    other = dict(arrays, damage_ll_undamaged=LL_UNDAMAGED - 10)
+    runs = [("nondoubling", _eval_run(arrays)), ("nondoubling (b)", _eval_run(other)),
+            ("doubling", _eval_run({}, variant="doubling"))]
+    lines = rpt.recovery_lines(runs)
+    assert [(label, what) for label, what, *_ in lines] == [
+        ("nondoubling", "undamaged"), ("nondoubling", "damaged"),
+        ("nondoubling (b)", "undamaged"), ("nondoubling (b)", "damaged")]
+    _, _, steps, mean, se, n = lines[0]
+    assert steps.tolist() == list(range(9)) and n == 3
+    assert mean.tolist() == pytest.approx(LL_UNDAMAGED.mean(0).tolist())
+    assert se[0] == pytest.approx(LL_UNDAMAGED[:, 0].std(ddof=1) / math.sqrt(3))
+    _, _, steps, mean, _, _ = lines[1]
+    assert steps.tolist() == [4, 5, 6, 7, 8]
+    assert mean.tolist() == pytest.approx(LL_DAMAGED.mean(0).tolist())
+    png = rpt.plot_recovery_curves(runs)
+    assert png[:8] == PNG_SIGNATURE and png_size(png)[0] <= 1320
+    # Old arrays (one curve, damage_curve_*) or inconsistent shapes: nothing to re-plot.
+    old = {"damage_curve_steps": np.arange(9), "damage_curve_ll": -100.0 - np.arange(9)}
+    bad = dict(arrays, damage_steps_damaged=np.arange(3))
+    assert rpt.recovery_lines([("a", _eval_run(old)), ("b", _eval_run(bad))]) == []
+    assert rpt.plot_recovery_curves([("a", _eval_run(old))]) is None
 
 
 def test_markdown_references_copied_figures(built):
@@ -338,16 +440,22 @@ def test_markdown_references_copied_figures(built):
 def test_eval_details_and_match_tables(built):
     dirs, html_path = built
     doc = parse(html_path)
-    details = {r["variant"]: r for r in table_dicts(doc.tables["eval-details"])}
-    d = details["doubling"]
-    assert float(d["LL before damage (nats)"]) == DAMAGE["before"]
-    recovered = 100 * (DAMAGE["after_recovery"] - DAMAGE["after_damage"]) / (
-        DAMAGE["before"] - DAMAGE["after_damage"])
-    assert float(d["recovered % of damage"]) == pytest.approx(recovered, abs=0.05)
-    assert d["probe accuracy %"] == "91.23"
-    assert d["probe train / test images"] == "1,500 / 500"
-    assert details["baseline"]["probe accuracy %"] == "—"
-    assert details["baseline"]["t-SNE images"] == "64"
+    damage = {r["variant"]: r for r in table_dicts(doc.tables["damage"])}
+    assert list(damage) == ["doubling", "nondoubling"]  # the baseline has no damage numbers
+    d = damage["doubling"]
+    assert d["before damage (nats)"] == "-90.00 ± 1.50"
+    assert d["just after damage (nats)"] == "-150.00 ± 3.00"
+    assert d["after recovery (nats)"] == "-100.00 ± 2.00"
+    assert d["undamaged, same step (nats)"] == "-88.00 ± 1.25"
+    assert d["recovered share of the damage"] == "80.6 %"  # (-100 + 150) / (-88 + 150)
+    assert d["damage at step / recovery steps"] == "4 / 4" and d["images"] == "16"
+    latent = {r["variant"]: r for r in table_dicts(doc.tables["latent"])}
+    assert latent["doubling"]["probe accuracy %"] == "91.23"
+    assert latent["doubling"]["probe train / test images"] == "1,500 / 500"
+    assert latent["baseline"]["probe accuracy %"] == "—"
+    assert latent["baseline"]["t-SNE images"] == "64"
+    assert latent["baseline"]["10-NN label accuracy, encoder means %"] == "81.2"
+    assert latent["doubling"]["10-NN label accuracy, encoder means %"] == "—"
 
     match = {r["field"]: r for r in table_dicts(doc.tables["match-report"])}
     assert table_dicts(doc.tables["match-report"])[0].keys() == {"field", "train", "valid",
@@ -377,6 +485,91 @@ def test_eval_details_and_match_tables(built):
     assert {r["setting"]: r for r in configs}["batch size"]["doubling"] == "8"  # smoke overlay
 
 
+def test_recovered_share_or_not_meaningful():
+    not_meaningful = dict(DAMAGE, after_damage=-80.0, after_recovery=-81.0, damage_drop=-8.0,
+                          meaningful=False, recovered_fraction=None)
+    assert rpt.recovered_text(not_meaningful) == (
+        "not meaningful (damage did not lower the score)")
+    assert rpt.recovered_text(DAMAGE) == "80.6 %"
+    assert rpt.recovered_text(dict(DAMAGE, recovered_fraction=1.25)) == "125.0 %"
+    # An older damage dict (no `meaningful`) has no recovered share to show.
+    old = {"before": -90.0, "after_damage": -150.0, "after_recovery": -100.0,
+           "median_recovered_fraction": 0.8, "share_images_recovered_to_before": 0.5}
+    assert rpt.recovered_text(old) == "—"
+    pairs = [("nondoubling", _eval_run({}, {"damage": not_meaningful}), None)]
+    (row,) = rpt.damage_frame(pairs).to_dict("records")
+    assert row["recovered share of the damage"] == (
+        "not meaningful (damage did not lower the score)")
+    assert row["just after damage (nats)"] == "-80.00 ± 3.00"
+
+
+def test_eval_dir_without_new_keys_still_renders(tmp_path):
+    """An evaluation written before the tier, classifier, untrained and two-curve damage keys."""
+    dirs = make_inputs(tmp_path)
+    for d in dirs["evals"]:
+        m = json.loads((d / artifacts.EVAL_METRICS).read_text())
+        for key in ("tier", "classifier", "reconstruction", "prior_samples", "untrained"):
+            m.pop(key)
+        if "damage" in m:
+            m["damage"] = {"before": -90.0, "after_damage": -150.0, "after_recovery": -100.0,
+                           "n_images": 16, "damage_at": 4, "median_recovered_fraction": 0.8}
+        (d / artifacts.EVAL_METRICS).write_text(json.dumps(m))
+        if (d / artifacts.EVAL_ARRAYS).exists():
+            rng = np.random.default_rng(0)
+            np.savez(d / artifacts.EVAL_ARRAYS, tsne_xy=rng.normal(size=(64, 2)),
+                     tsne_labels=rng.integers(0, 10, 64), damage_curve_steps=np.arange(9),
+                     damage_curve_ll=-100 - rng.random(9))
+    doc = parse(build(dirs))
+    rows = table_dicts(doc.tables["results"])
+    for r in rows:
+        for col in ("untrained model (nats)", "trained, same images (nats)",
+                    "reconstructions recognised", "prior samples: mean top-class probability"):
+            assert r[col] == "—", (r["variant"], col)
+        assert r["run"] == "SMOKE"  # from the older boolean `smoke`
+    assert "prior-labels" not in doc.tables
+    details = {r["variant"]: r for r in table_dicts(doc.tables["damage"])}
+    assert details["nondoubling"]["before damage (nats)"] == "-90.00"
+    assert details["nondoubling"]["undamaged, same step (nats)"] == "—"
+    assert details["nondoubling"]["recovered share of the damage"] == "—"
+    # No damage arrays to re-plot: the runs' own damage_curve.png is shown instead.
+    assert "recovery-curves" not in doc.rows
+    assert [f["caption"] for f in doc.rows["fig-damage_curve-runs"]] == SHOWN_ORDER
+    assert "SMOKE RUN" in "".join(doc.banner)
+
+
+def test_tier_banners(tmp_path):
+    dirs = make_inputs(tmp_path, smoke=False)
+    doc = parse(build(dirs))
+    assert doc.banner is None  # paper tier: no banner
+    html = (dirs["out"] / artifacts.REPORT_HTML).read_text()
+    assert 'class="banner"' not in html
+    banners = {
+        "demo": ("Demo run: doubling (100,000 steps). Small models trained for minutes on the "
+                 "bundled 2,000-image sample on a CPU; not comparable with the paper"),
+        "cpu": ("CPU-scale run: doubling (100,000 steps). Reduced models trained on the full "
+                "data on a 2-core CPU; not the paper's configuration"),
+    }
+    for tier, words in banners.items():
+        s = dirs["trains"][1] / artifacts.TRAIN_SUMMARY  # t1 holds the doubling run
+        s.write_text(json.dumps(dict(json.loads(s.read_text()), tier=tier)))
+        html = build(dirs).read_text()
+        assert f'<div id="{tier}-banner" class="banner" role="alert">{escape(words)}' in html
+        runs = {r["variant"]: r["run"] for r in table_dicts(parse(build(dirs)).tables["results"])}
+        assert runs == {"baseline": "paper", "doubling": rpt.TIER_LABELS[tier],
+                        "nondoubling": "paper"}
+    assert rpt.smallest_tier("paper", None, "demo", "cpu") == "demo"
+    assert rpt.read_tier({"smoke": True}) == "smoke" and rpt.read_tier({}) is None
+
+
+def test_raw_statistics_come_last(built):
+    _, html_path = built
+    html = html_path.read_text()
+    ids = ("results", "prior-labels", "run-details", "damage", "latent", "training-curves-fig",
+           "match-summary", "match-distributions", "configs", "inputs-table", "match-report")
+    order = [html.index(f'id="{i}"') for i in ids]
+    assert order == sorted(order)
+
+
 def test_smoke_banner(built, tmp_path):
     _, html_path = built
     banner = "".join(parse(html_path).banner)
@@ -385,14 +578,14 @@ def test_smoke_banner(built, tmp_path):
     full = make_inputs(tmp_path, smoke=False)
     doc = parse(build(full))
     assert doc.banner is None
-    assert {r["run"] for r in table_dicts(doc.tables["results"])} == {"full"}
+    assert {r["run"] for r in table_dicts(doc.tables["results"])} == {"paper"}
     # One smoke input anywhere (here only one evaluation's metrics) brings the banner back.
     m = full["evals"][2] / artifacts.EVAL_METRICS
-    m.write_text(json.dumps(dict(json.loads(m.read_text()), smoke=True)))
+    m.write_text(json.dumps(dict(json.loads(m.read_text()), smoke=True, tier="smoke")))
     doc = parse(build(full))
     assert "".join(doc.banner).startswith("SMOKE RUN: baseline")
     runs = {r["variant"]: r["run"] for r in table_dicts(doc.tables["results"])}
-    assert runs == {"baseline": "SMOKE", "doubling": "full", "nondoubling": "full"}
+    assert runs == {"baseline": "SMOKE", "doubling": "paper", "nondoubling": "paper"}
 
 
 def test_variant_comes_from_files_not_argument_order(built, tmp_path):
@@ -480,7 +673,7 @@ def test_metrics_jsonl_is_read_tolerantly(tmp_path):
     p.write_text(text)
     records = rpt.read_jsonl(p)
     assert len(records) == 4  # the truncated last line (interrupted run) is dropped
-    tr = rpt.TrainRun(tmp_path, "doubling", "doubling", False, {}, None, records)
+    tr = rpt.TrainRun(tmp_path, "doubling", "doubling", None, {}, None, records)
     curves = rpt.curves_frame([("doubling", tr)])
     got = sorted(map(tuple, curves[["step", "metric", "value"]].itertuples(index=False)))
     assert got == [(5.0, "kl", 2.0), (5.0, "loss", 3.0), (5.0, "recon", -1.0),

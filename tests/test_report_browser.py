@@ -1,5 +1,7 @@
 """report.html opens in a real browser (headless Chromium, Debian's `chromium` package): every
-image decodes and the results table is there. The screenshot is kept in test-artifacts/."""
+image decodes, none is shrunk below its own size (figures are drawn to be legible at that size),
+nothing is wider than a 1400 px window, and the results table is there. The screenshot is kept
+in test-artifacts/."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ pytestmark = pytest.mark.skipif(
 IMAGES_JS = """() => Array.from(document.images).map(img => ({
     alt: img.alt, complete: img.complete, w: img.naturalWidth, h: img.naturalHeight,
     shown: img.getBoundingClientRect().width}))"""
+PAGE_WIDTH_JS = "() => document.documentElement.scrollWidth"
 TABLE_JS = """() => {
     const t = document.querySelector('table#results');
     if (!t) return null;
@@ -55,6 +58,7 @@ def test_report_renders_in_chromium(tmp_path):
             images = page.evaluate(IMAGES_JS)
             rows = page.evaluate(TABLE_JS)
             banner = page.locator("#smoke-banner").inner_text()
+            page_width = page.evaluate(PAGE_WIDTH_JS)
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
         finally:
@@ -65,6 +69,10 @@ def test_report_renders_in_chromium(tmp_path):
     broken = [i["alt"] for i in images if not (i["complete"] and i["w"] > 0 and i["h"] > 0)]
     assert broken == []
     assert all(i["shown"] > 0 for i in images)
+    # Legible: no figure is scaled down (text would shrink with it), no horizontal scrolling.
+    shrunk = [(i["alt"], i["w"], i["shown"]) for i in images if i["shown"] < i["w"] - 0.5]
+    assert shrunk == []
+    assert page_width <= 1400
     assert rows is not None, "table#results missing"
     header, *body = rows
     assert header[:3] == ["variant", "run", "ours (nats, mean ± se)"]

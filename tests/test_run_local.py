@@ -46,7 +46,7 @@ FAST = ["train.steps=3", "train.log_every=1", "train.val_every=3", "eval.probe_s
 def test_run_local_runs_every_step_end_to_end(capsys, tmp_path):
     root = tmp_path / "runs"
     sets = [arg for item in FAST for arg in ("--set", item)]
-    assert cli.main(["run-local", "--root", str(root), *sets]) == 0
+    assert cli.main(["run-local", "--smoke", "--root", str(root), *sets]) == 0
     out = capsys.readouterr().out
     report = Path(out.strip().splitlines()[-1].split("report: ", 1)[1])
 
@@ -54,6 +54,24 @@ def test_run_local_runs_every_step_end_to_end(capsys, tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert report == run / "report" / "report_dir" / artifacts.REPORT_HTML
+
+    # The terminal tells the story: a start and an end line per step, each step's time and
+    # the headline numbers; kfp's and the libraries' chatter is only in run.log.
+    steps = ["prepare-data"] + [f"{s}-{n}" for n in DEFAULT_VARIANTS
+                                for s in ("train", "evaluate")] + ["report"]
+    for step in steps:
+        assert f"  {step} ..." in out and f"  {step} done in " in out
+    assert "step times:" in out and "headline numbers (test split):" in out
+    summary = out[out.index("step times:"):]
+    for step in steps:
+        assert f"  {step} " in summary
+    for name in DEFAULT_VARIANTS:
+        assert f"\n  {name} " in out[out.index("headline numbers"):]
+    log = (run / "run.log").read_text()
+    for chatter in ("executor_input", "Executing task", "finished with status SUCCESS"):
+        assert chatter in log and chatter not in out
+    assert len(out.splitlines()) < 60
+    assert any(p.name.endswith("-cache") for p in (root / ".jax-cache").iterdir())
 
     # prepare-data: the dataset.
     with np.load(run / "prepare-data" / "dataset" / artifacts.DATASET) as npz:

@@ -7,6 +7,7 @@ One place for the layout of each artifact directory, so that writers and readers
 DATASET = "dataset.npz"            # {split}_x uint8 (N, 28, 28) in {0, 1}; {split}_y; {split}_mnist_index
 MATCH_REPORT = "match_report.json"
 MATCHED_PAIRS_PNG = "matched_pairs.png"
+DIGIT_CLASSIFIER = "digit_classifier.npz"  # vnca.evaluation.classifier weights (no pickle)
 SPLITS = ("train", "valid", "test")
 
 # train -> MODEL_DIR

@@ -14,6 +14,21 @@ from vnca.errors import UserError
 PROG = "vnca"
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends every option's text with its default (flags: off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default is argparse.SUPPRESS or action.required
+                or not action.option_strings):
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{text} (default: off)" if text else "(default: off)"
+        if action.default is None or action.default == []:
+            return f"{text} (default: none)" if text else "(default: none)"
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument(
         "--config", action="append", default=[], required=required, metavar="YAML",
@@ -83,12 +98,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_run_local(args: argparse.Namespace) -> int:
     from pipeline.local import run_local
 
+    tier = "smoke" if args.smoke else "paper" if args.full else args.tier
     report = run_local(
-        configs=args.config, root=args.root, runner=args.runner, smoke=not args.full,
+        configs=args.config, root=args.root, runner=args.runner, tier=tier,
         data_source=args.data_source, raw_dir=args.raw_dir, image=args.image,
-        overrides=args.overrides,
+        overrides=args.overrides, verbose=args.verbose,
     )
-    print(f"pipeline finished; report: {report}")
+    print(f"\npipeline finished; report: {report}")
     return 0
 
 
@@ -98,20 +114,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
     submit(
         project=args.project, region=args.region, pipeline_root=args.pipeline_root,
         service_account=args.service_account, target=args.target, image=args.image,
-        configs=args.config, dry_run=args.dry_run, smoke=args.smoke, overrides=args.overrides,
+        configs=args.config, dry_run=args.dry_run, tier="smoke" if args.smoke else "paper",
+        overrides=args.overrides,
     )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=PROG, formatter_class=DefaultsFormatter,
         description="Variational Neural Cellular Automata: data, training, evaluation, report "
         "and the Kubeflow pipeline that chains them.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prepare-data", help="binarized MNIST with matched labels -> dataset.npz")
+    p = sub.add_parser("prepare-data", help="binarized MNIST with matched labels -> dataset.npz",
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--source", choices=["raw", "tfds", "bundled"], default="bundled",
                    help="raw files in --raw-dir, TensorFlow Datasets, or the bundled sample")
     p.add_argument("--raw-dir", help="directory with binarized_mnist_*.amat[.gz] and MNIST idx .gz")
@@ -121,14 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for dataset.npz and report")
     p.set_defaults(func=cmd_prepare_data)
 
-    p = sub.add_parser("train", help="train one variant (resumes from the latest checkpoint)")
+    p = sub.add_parser("train", help="train one variant (resumes from the latest checkpoint)",
+                       formatter_class=DefaultsFormatter)
     _add_config_args(p, required=True)
     p.add_argument("--data", required=True, help="directory holding dataset.npz")
     p.add_argument("--out", required=True, help="output directory (checkpoints, metrics)")
     p.add_argument("--steps", type=int, help="override train.steps")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="IW bound, figures and probes for a trained model")
+    p = sub.add_parser("evaluate", help="IW bound, figures and probes for a trained model",
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--model", required=True, help="directory written by `vnca train`")
     p.add_argument("--data", required=True, help="directory holding dataset.npz")
     p.add_argument("--out", required=True, help="output directory (metrics.json, figures)")
@@ -136,14 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="KEY=VALUE", help="override an eval.* value, e.g. eval.n_images=100")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("report", help="one HTML report over all evaluated variants")
+    p = sub.add_parser("report", help="one HTML report over all evaluated variants",
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--evals", nargs="+", required=True, help="directories from `vnca evaluate`")
     p.add_argument("--train", nargs="+", required=True, help="directories from `vnca train`")
     p.add_argument("--data", required=True, help="directory from `vnca prepare-data`")
     p.add_argument("--out", required=True, help="output directory (report.html, report.md)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("compile", help="compile the Kubeflow pipeline to YAML")
+    p = sub.add_parser("compile", help="compile the Kubeflow pipeline to YAML",
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--output", default="pipeline.yaml", help="output file")
     p.add_argument("--target", choices=["local", "vertex-tpu", "vertex-gpu"], default="vertex-tpu")
     p.add_argument("--image", help="container image for every step (default: the target's "
@@ -152,14 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="variant configs baked in as defaults (default: the three paper configs)")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("run-local", help="run the whole pipeline locally with kfp.local")
+    p = sub.add_parser("run-local", help="run the whole pipeline locally with kfp.local",
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--config", action="append", default=[], metavar="YAML",
-                   help="variant configs (default: the three paper configs)")
-    p.add_argument("--root", default="runs/local", help="local pipeline root directory")
-    p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess")
-    p.add_argument("--full", action="store_true",
-                   help="do not layer configs/smoke.yaml on the variant configs")
-    p.add_argument("--data-source", choices=["bundled", "raw", "tfds"], default="bundled")
+                   help="variant configs; each gets its tier's overlay "
+                   "(default: configs/baseline.yaml, doubling.yaml and nondoubling.yaml)")
+    p.add_argument("--root", default="runs/local",
+                   help="local pipeline root directory (runs, logs, the compilation cache)")
+    p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
+                   help="run each step as a subprocess of this Python or in the image")
+    p.add_argument("--tier", choices=["demo", "cpu", "smoke", "paper"], default="demo",
+                   help="run size: demo (minutes, visibly learns), cpu (full data, about two "
+                   "hours), smoke (seconds, for tests), paper (the paper's configs)")
+    p.add_argument("--smoke", action="store_true", help="the same as --tier smoke")
+    p.add_argument("--full", action="store_true", help="the same as --tier paper")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print everything kfp and the steps log (always in run.log)")
+    p.add_argument("--data-source", choices=["bundled", "raw", "tfds"], default="bundled",
+                   help="the bundled sample (2,000/500/1,000 images), the raw files in "
+                   "--raw-dir (50,000/10,000/10,000) or TensorFlow Datasets")
     p.add_argument("--raw-dir", help="with --data-source raw: directory of the raw files")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value in every variant, e.g. --set train.steps=5")
@@ -167,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the CPU image named in components/images.py)")
     p.set_defaults(func=cmd_run_local)
 
-    p = sub.add_parser("submit", help="compile and submit the pipeline to Vertex AI")
+    p = sub.add_parser("submit", help="compile and submit the pipeline to Vertex AI",
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--project", help="Google Cloud project id")
     p.add_argument("--region", default="us-central1")
     p.add_argument("--pipeline-root", required=True, help="gs://BUCKET/PATH for artifacts")

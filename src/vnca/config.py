@@ -37,6 +37,9 @@ class DataConfig:
 class ModelConfig:
     variant: Variant = "doubling"
     z_dim: int = 256
+    # Channels of the encoder's first conv (each later conv doubles it) and, mirrored, of the
+    # baseline decoder's last ConvT: 32 in the paper (O and R). Smaller only in the CPU tiers.
+    conv_width: int = 32
     # Width of the NCA update network's hidden layers (doubling: = z_dim; non-doubling: 128).
     nca_hidden: int = 256
     # Encoder head: "log_std" (O: scale = exp(h)) or "log_var" (R: scale = exp(h / 2)).
@@ -115,6 +118,11 @@ class EvalConfig:
     seed: int = 0
     n_samples: int = 64
     n_reconstructions: int = 32
+    # Test reconstructions and prior samples labelled by the dataset's digit classifier
+    # (reconstruction accuracy; samples' top-class probability and label histogram).
+    classify_images: int = 1000
+    # Test images on which the untrained model's bound is computed, for comparison (0: skip).
+    untrained_images: int = 256
     tsne_images: int = 5000
     probe_images: int = 2000
     probe_steps: int = 2000
@@ -141,13 +149,21 @@ class HardwareConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
     name: str = "doubling"
-    # A smoke config trains for seconds; reports mark its numbers as not comparable.
-    smoke: bool = False
+    # Which size of run this is; the config files of each tier say what it is for:
+    # "paper" (configs/<variant>.yaml alone), "cpu" (configs/cpu/: the full data in about two
+    # hours on 2 CPU cores), "demo" (configs/demo/: the bundled sample in minutes) and "smoke"
+    # (configs/smoke.yaml: seconds, for tests). Reports label every number with its tier.
+    tier: Literal["paper", "cpu", "demo", "smoke"] = "paper"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     hardware: HardwareConfig = dataclasses.field(default_factory=HardwareConfig)
+
+    @property
+    def smoke(self) -> bool:
+        """A seconds-scale run whose numbers mean nothing."""
+        return self.tier == "smoke"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +363,7 @@ def validate(cfg: Config) -> Config:
         )
     for key, value in [
         ("model.z_dim", m.z_dim), ("model.nca_hidden", m.nca_hidden),
+        ("model.conv_width", m.conv_width),
         ("train.steps", t.steps), ("train.batch_size", t.batch_size),
         ("eval.iw_samples", cfg.eval.iw_samples), ("eval.batch_size", cfg.eval.batch_size),
     ]:

@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vnca import artifacts, config, reference
+from vnca import artifacts, config, reference, rng
 from vnca.errors import ConfigError, DataError
+from vnca.evaluation import classifier
 
 # Keys an evaluation may override: the eval section, and how many steps the non-doubling model
 # takes at test time (R: 36; O: drawn as in training). Anything else would change the model.
@@ -42,6 +43,7 @@ OVERRIDABLE = ("eval.", "model.eval_steps")
 KEY_PURPOSES = ("shuffle", "iwelbo", "samples", "reconstructions", "growth", "damage", "probe",
                 "interpolation")
 GROWTH_EXAMPLES = 8
+DECODE_BATCH = 64  # latents decoded together for samples and reconstructions
 DAMAGE_FIGURE_IMAGES = 8
 PROBE_FIGURE_IMAGES = 6
 PROBE_TEST_FRACTION = 0.2
@@ -64,6 +66,8 @@ def eval_config(cfg: config.Config, overrides: list[str] = ()) -> config.Config:
         ("eval.damage_images", e.damage_images, 0), ("eval.damage_at", e.damage_at, 1),
         ("eval.recovery_steps", e.recovery_steps, 1), ("eval.probe_steps", e.probe_steps, 1),
         ("eval.n_interpolations", e.n_interpolations, 0),
+        ("eval.classify_images", e.classify_images, 0),
+        ("eval.untrained_images", e.untrained_images, 0),
         ("eval.interpolation_points", e.interpolation_points, 2),
     ]:
         if value < least:
@@ -74,6 +78,23 @@ def eval_config(cfg: config.Config, overrides: list[str] = ()) -> config.Config:
         raise ConfigError(f"eval.probe_images must be 0 (skip) or at least 2, got "
                           f"{e.probe_images}")
     return cfg
+
+
+def _digit_classifier(data_dir) -> "classifier.ClassifierWeights":
+    """The dataset's digit classifier (`vnca prepare-data` fits it); fit here for a dataset
+    written before it had one."""
+    from vnca.data import load_split
+
+    path = Path(data_dir) / artifacts.DIGIT_CLASSIFIER
+    if path.is_file():
+        try:
+            return classifier.ClassifierWeights.load(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"{path}: unreadable digit classifier ({e}); rerun "
+                            "`vnca prepare-data`") from None
+    x, y = load_split(data_dir, "train")
+    x_t, y_t = load_split(data_dir, "test")
+    return classifier.fit(x, y, seed=0, x_test_NxHxW=x_t, y_test_N=y_t)
 
 
 def eval_keys(seed: int) -> dict:
@@ -146,6 +167,7 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
         "variant": model.variant,
         "name": cfg.name,
         "smoke": cfg.smoke,
+        "tier": cfg.tier,
         "model_dir": str(model_dir),
         "n_test_images": int(n_test),
         "device": f"{len(devices)} x {devices[0].device_kind}",
@@ -176,26 +198,70 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
     arrays.update(iw_nats=res["iw"].astype(np.float32), iw_index=iw_index,
                   iw_elbo_nats=res["elbo"].astype(np.float32))
 
-    # -- prior samples, reconstructions, growth ------------------------------------------------
+    # -- the same bound for the untrained model (the training run's initial parameters) -------
+    n_u = min(e.untrained_images, n_bound)
+    if n_u:
+        t0 = time.perf_counter()
+        u_index = np.sort(order[:n_u])  # a subset of iw_index, which holds order[:n_bound]
+        initial = model.init(rng.named_keys(cfg.train.seed)["init"])
+        res_u = bound.iw_bound(model, initial, x_N[u_index], u_index, keys["iwelbo"],
+                               e.iw_samples, e.batch_size, progress, chunk=chunk)
+        trained_same = res["iw"][np.searchsorted(iw_index, u_index)]
+        metrics["untrained"] = {
+            "n_images": int(n_u), "k": e.iw_samples,
+            **bound.summarize(res_u["iw"], reference.MNIST_PIXELS),
+            "trained_same_images_nats": float(np.mean(trained_same)),
+        }
+        seconds["iwelbo_untrained"] = time.perf_counter() - t0
+
+    # -- prior samples and reconstructions, judged by an independent digit classifier --------
     t0 = time.perf_counter()
+    digits = _digit_classifier(data_dir)
+    metrics["classifier"] = {"kind": f"MLP, {classifier.HIDDEN_UNITS} ReLU units (scikit-learn)",
+                             "n_train": digits.n_train, "test_accuracy": digits.test_accuracy}
     k_z, k_dec, k_bin = jax.random.split(keys["samples"], 3)
-    z_prior = np.asarray(jax.random.normal(k_z, (max(e.n_samples, GROWTH_EXAMPLES),
-                                                 cfg.model.z_dim)))
-    if e.n_samples:
-        probs = figures.sigmoid(latent.decode(model, params, z_prior[: e.n_samples], k_dec))
-        binary = np.asarray(jax.random.bernoulli(k_bin, probs)).astype(np.uint8)
-        arrays.update(samples_probs=probs.astype(np.float32), samples_binary=binary)
-        figures.image_grid(probs, out / "samples.png", "Prior samples (probabilities)")
-        figures.image_grid(binary.astype(np.float32), out / "samples_binary.png",
-                           "Prior samples (Bernoulli draws)")
-    n_rec = min(e.n_reconstructions, n_test)
+    n_prior = max(e.n_samples, e.classify_images, GROWTH_EXAMPLES)
+    z_prior = np.asarray(jax.random.normal(k_z, (n_prior, cfg.model.z_dim)))
+    n_decode = max(e.n_samples, e.classify_images)
+    if n_decode:
+        probs = figures.sigmoid(latent.decode_batches(model, params, z_prior[:n_decode], k_dec,
+                                                      DECODE_BATCH, progress))
+        if e.classify_images:
+            proba = classifier.predict_proba(digits, probs[: e.classify_images])
+            metrics["prior_samples"] = classifier.sample_summary(proba)
+        if e.n_samples:
+            shown = probs[: e.n_samples]
+            binary = np.asarray(jax.random.bernoulli(k_bin, shown)).astype(np.uint8)
+            arrays.update(samples_probs=shown.astype(np.float32), samples_binary=binary)
+            figures.image_grid(shown, out / "samples.png", "Prior samples (probabilities)")
+            figures.image_grid(binary.astype(np.float32), out / "samples_binary.png",
+                               "Prior samples (Bernoulli draws)")
+    n_rec = min(max(e.n_reconstructions, e.classify_images), n_test)
     if n_rec:
         rec_index = order[:n_rec]
         rec = figures.sigmoid(latent.reconstructions(model, params, x_N[rec_index],
-                                                     keys["reconstructions"]))
-        arrays.update(recon_x=x_N[rec_index, ..., 0].astype(np.uint8),
-                      recon_probs=rec.astype(np.float32), recon_index=rec_index)
-        figures.reconstructions(x_N[rec_index, ..., 0], rec, out / "reconstructions.png")
+                                                     keys["reconstructions"], DECODE_BATCH,
+                                                     progress))
+        n_cls = min(e.classify_images, n_test)
+        if n_cls:
+            labels = y_N[rec_index[:n_cls]]
+            metrics["reconstruction"] = {
+                "n_images": int(n_cls),
+                "accuracy": classifier.label_accuracy(
+                    classifier.predict_proba(digits, rec[:n_cls]), labels),
+                "classifier_accuracy_originals": classifier.label_accuracy(
+                    classifier.predict_proba(digits, x_N[rec_index[:n_cls], ..., 0]), labels),
+            }
+        shown = rec_index[: e.n_reconstructions]
+        if len(shown):
+            arrays.update(recon_x=x_N[shown, ..., 0].astype(np.uint8),
+                          recon_probs=rec[: len(shown)].astype(np.float32), recon_index=shown)
+            figures.reconstructions(x_N[shown, ..., 0], rec[: len(shown)],
+                                    out / "reconstructions.png")
+    seconds["samples_reconstructions"] = time.perf_counter() - t0
+
+    # -- growth stages -------------------------------------------------------------------------
+    t0 = time.perf_counter()
     if is_nca:
         frames_SxBxHxW = latent.growth(model, params, z_prior[:GROWTH_EXAMPLES], keys["growth"])
         growth_BxSxHxW = figures.sigmoid(frames_SxBxHxW).transpose(1, 0, 2, 3)
@@ -207,7 +273,7 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
                        col_titles=["seed"] + [str(i) for i in range(1, n_frames)])
         metrics["growth"] = {"n_examples": int(growth_BxSxHxW.shape[0]),
                              "n_frames": int(n_frames)}
-    seconds["samples_reconstructions_growth"] = time.perf_counter() - t0
+        seconds["growth"] = time.perf_counter() - t0
 
     # -- damage recovery and linear probe (non-doubling) ---------------------------------------
     if model.variant == "nondoubling" and e.damage_images:
@@ -218,26 +284,33 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
                                    DAMAGE_FIGURE_IMAGES, progress)
         top, left = damage.centred_square(model.image_size, cfg.model.damage_size)
         metrics["damage"] = {
-            **damage.summarize(d["ll_NxS"], e.damage_at),
+            **damage.summarize(d["ll_undamaged_NxS"], d["ll_damaged_NxR1"], e.damage_at),
             "damage_at": e.damage_at,
             "recovery_steps": e.recovery_steps,
             "square": {"top": top, "left": left, "size": cfg.model.damage_size,
                        "position": "centred"},
         }
-        arrays.update(damage_curve_steps=d["steps_S"],
-                      damage_curve_ll=d["ll_NxS"].mean(axis=0).astype(np.float32),
-                      damage_ll=d["ll_NxS"].astype(np.float32), damage_index=d_index)
-        s = d["steps_S"]
-        frames = figures.sigmoid(d["logits_FxSxHxW"])
+        arrays.update(damage_steps_undamaged=d["steps_undamaged_S"],
+                      damage_steps_damaged=d["steps_damaged_R1"],
+                      damage_ll_undamaged=d["ll_undamaged_NxS"].astype(np.float32),
+                      damage_ll_damaged=d["ll_damaged_NxR1"].astype(np.float32),
+                      damage_index=d_index)
         dd, rr = e.damage_at, e.recovery_steps
-        cols = [dd, dd + 1] + [dd + 1 + round(rr * q) for q in (0.125, 0.25, 0.5, 0.75, 1.0)]
-        cols = list(dict.fromkeys(cols))
-        titles = ["test image", f"step {dd}", "damaged"] + [f"step {s[c]}" for c in cols[2:]]
-        shown = np.concatenate([x_N[d_index[: len(frames)], None, ..., 0], frames[:, cols]], 1)
+        hit = figures.sigmoid(d["logits_damaged_FxR1xHxW"])
+        kept = figures.sigmoid(d["logits_undamaged_FxSxHxW"])
+        cols = list(dict.fromkeys([0] + [max(1, round(rr * q)) for q in (0.125, 0.25, 0.5,
+                                                                          1.0)]))
+        titles = (["test image", f"step {dd}", "damaged"]
+                  + [f"+{c} steps" for c in cols[1:]] + [f"undamaged, +{rr}"])
+        shown = np.concatenate([x_N[d_index[: len(hit)], None, ..., 0], kept[:, dd, None],
+                                hit[:, cols], kept[:, -1, None]], 1)
         arrays["damage_frames_probs"] = shown.astype(np.float32)
         figures.strips(shown, out / "damage_recovery.png",
-                       "Damage recovery: before, just after damage, regrowth", titles)
-        figures.damage_curve(s, d["ll_NxS"], e.damage_at, out / "damage_curve.png")
+                       "Damage recovery: before, just after damage, regrowth, and the same "
+                       "run without damage", titles)
+        figures.damage_curve(d["steps_undamaged_S"], d["ll_undamaged_NxS"],
+                             d["steps_damaged_R1"], d["ll_damaged_NxR1"],
+                             out / "damage_curve.png")
         seconds["damage"] = time.perf_counter() - t0
 
     if model.variant == "nondoubling" and e.probe_images:

@@ -7,15 +7,23 @@
   it opens from a file with no server and Vertex AI can show it as an HTML artifact;
 * `OUT/report.md` with the same content, its images copied to `OUT/figures/`.
 
-Contents: the results table (our importance-weighted bound against the paper's and the
-reproduction's, `vnca.reference`), training curves of all variants, every figure the
-evaluation step produced (side by side across variants), evaluation scalars (damage recovery,
-linear probe), the configurations, and the label-matching report of the dataset. A smoke run
-gets a banner, so nobody mistakes a 20-step number for the paper's.
+Contents, in reading order: the results table (our importance-weighted bound against the
+paper's and the reproduction's, `vnca.reference`, the untrained model's bound, and how often an
+independent digit classifier recognises reconstructions and prior samples), the prior samples'
+label histogram, damage recovery and probe scalars, training curves, every figure the
+evaluation step produced (each shown once: a figure the report re-plots from `arrays.npz` for
+all variants replaces the per-variant PNGs), the dataset's label matching, the configurations,
+and last the raw label-matching statistics. A run below the paper's scale (`tier` smoke, demo
+or cpu) gets a banner, so nobody mistakes a 20-step number for the paper's.
 
 Which variant a directory holds is read from its files (`variant` in `summary.json` /
 `metrics.json`), never from the order of the arguments. A missing directory or required file
-raises `DataError` with one line naming the path; a missing optional figure shows "not produced".
+raises `DataError` with one line naming the path; a missing optional figure shows "not produced"
+and a missing optional number "—" (older evaluation directories lack the newer keys).
+
+Legibility: the page is at most 1400 px wide and every image is shown at its own size (never
+stretched to a column), so the report's figures are drawn at most `MAX_FIGURE_IN` inches wide at
+`DPI`, with text of at least 10 points.
 
 Layout: loaders (`load_eval_dir`, `load_train_dir`, `load_data_dir`) do the I/O; pure functions
 turn their contents into tables (`results_frame`, `format_results`, ...) and PNG bytes; a small
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import html
 import io
 import json
@@ -39,11 +48,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from vnca import artifacts, reference
 from vnca import config as vconfig
@@ -53,10 +64,29 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VARIANT_ORDER = ("baseline", "doubling", "nondoubling")
 # Figures that only an NCA decoder has; for the baseline their absence is expected.
 NCA_ONLY_FIGURES = ("growth.png", "damage_recovery.png", "damage_curve.png", "probe.png")
+# Figures the evaluation makes for the non-doubling model only (the paper's damage and probe).
+NONDOUBLING_ONLY_FIGURES = ("damage_recovery.png", "damage_curve.png", "probe.png")
 MISSING = "—"
 CURVE_METRICS = (("loss", "loss (nats)"), ("kl", "KL (nats)"),
                  ("recon", "reconstruction (nats)"))
 DPI = 100
+MAX_FIGURE_IN = 13.2  # 1,320 px at DPI: the page's content width at a 1400 px window
+FONT = {"axes.titlesize": 13, "axes.labelsize": 12, "xtick.labelsize": 11,
+        "ytick.labelsize": 11, "legend.fontsize": 11, "legend.title_fontsize": 11}
+# Run sizes (config `tier`), smallest first; a report labels each run with the smallest tier
+# among its evaluation and training directories.
+TIERS = ("smoke", "demo", "cpu", "paper")
+TIER_BANNERS = {
+    "smoke": ("SMOKE RUN: {runs}. A smoke run trains a tiny model for seconds to test the "
+              "pipeline; its numbers are NOT comparable with the paper's or the "
+              "reproduction's."),
+    "demo": ("Demo run: {runs}. Small models trained for minutes on the bundled 2,000-image "
+             "sample on a CPU; not comparable with the paper."),
+    "cpu": ("CPU-scale run: {runs}. Reduced models trained on the full data on a 2-core CPU; "
+            "not the paper's configuration."),
+}
+TIER_LABELS = {"smoke": "SMOKE", "demo": "demo", "cpu": "CPU", "paper": "paper"}
+RECONSTRUCTION_BAR = 0.8  # share of reconstructions the classifier should recognise
 SMALL_IMAGE_PX = 360  # narrower PNGs are shown scaled up to this width, unsmoothed
 
 # ---------------------------------------------------------------------------------------------
@@ -68,11 +98,15 @@ class EvalRun:
     path: Path
     variant: str
     name: str
-    smoke: bool
+    tier: str | None  # one of TIERS; None when the directory does not say
     metrics: dict
     figures: dict  # file name -> Path of a readable PNG
     unreadable: dict  # file name -> why the file there could not be used
     arrays: dict  # name -> np.ndarray (empty when arrays.npz is absent or unreadable)
+
+    @property
+    def smoke(self) -> bool:
+        return self.tier == "smoke"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +114,14 @@ class TrainRun:
     path: Path
     variant: str
     name: str
-    smoke: bool
+    tier: str | None  # one of TIERS; None when the directory does not say
     summary: dict
     cfg: vconfig.Config
     records: list  # dicts from metrics.jsonl, in file order
+
+    @property
+    def smoke(self) -> bool:
+        return self.tier == "smoke"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +192,19 @@ def _str_key(d: dict, key: str, path: Path) -> str:
     return value
 
 
+def read_tier(d: dict) -> str | None:
+    """The run's tier from `tier`, or from the older boolean `smoke`; None if neither says."""
+    tier = d.get("tier")
+    if tier in TIERS:
+        return tier
+    return "smoke" if d.get("smoke") is True else None
+
+
+def smallest_tier(*tiers: str | None) -> str | None:
+    known = [t for t in tiers if t in TIERS]
+    return min(known, key=TIERS.index) if known else None
+
+
 def load_eval_dir(path: str | Path) -> EvalRun:
     """Read one evaluation directory (`vnca evaluate --out`)."""
     d = _require_dir(path, "evaluation")
@@ -179,7 +230,7 @@ def load_eval_dir(path: str | Path) -> EvalRun:
         except (OSError, ValueError, EOFError) as e:  # corrupt: re-plots fall back to the PNGs
             unreadable[artifacts.EVAL_ARRAYS] = f"unreadable ({e.__class__.__name__})"
     return EvalRun(path=d, variant=variant, name=name or variant,
-                   smoke=bool(metrics.get("smoke", False)), metrics=metrics,
+                   tier=read_tier(metrics), metrics=metrics,
                    figures=figures, unreadable=unreadable, arrays=arrays)
 
 
@@ -222,8 +273,8 @@ def load_train_dir(path: str | Path) -> TrainRun:
     variant = variant or cfg.model.variant
     name = summary.get("name") if isinstance(summary.get("name"), str) else None
     records = read_jsonl(d / artifacts.TRAIN_METRICS)
-    smoke = bool(summary.get("smoke", False)) or bool(cfg.smoke)
-    return TrainRun(path=d, variant=variant, name=name or cfg.name or variant, smoke=smoke,
+    tier = smallest_tier(read_tier(summary), getattr(cfg, "tier", None))
+    return TrainRun(path=d, variant=variant, name=name or cfg.name or variant, tier=tier,
                     summary=summary, cfg=cfg, records=records)
 
 
@@ -304,9 +355,22 @@ def pair_runs(evals: Sequence[EvalRun], trains: Sequence[TrainRun]) -> list:
 
 RESULT_COLUMNS = [
     "variant", "ours_nats", "ours_stderr_nats", "bits_per_dim", "paper_nats",
-    "reproduction_nats", "diff_paper_pct", "diff_reproduction_pct", "steps", "wall_time_s",
-    "hardware", "n_devices", "k", "n_images", "smoke",
+    "reproduction_nats", "diff_paper_pct", "diff_reproduction_pct", "untrained_nats",
+    "untrained_stderr_nats", "trained_same_images_nats", "untrained_n_images",
+    "reconstruction_accuracy", "classifier_accuracy_originals", "prior_top_probability",
+    "steps", "wall_time_s", "hardware", "n_devices", "k", "n_images", "tier", "smoke",
 ]
+
+
+def _section(ev: EvalRun | None, key: str) -> dict:
+    """metrics[key] of an evaluation when it is a dict, else {} (absent in older runs)."""
+    value = ev.metrics.get(key) if ev is not None else None
+    return value if isinstance(value, dict) else {}
+
+
+def _int(x: Any) -> int | None:
+    x = _number(x)
+    return int(x) if x is not None else None
 
 
 def results_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
@@ -314,8 +378,9 @@ def results_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
     rows = []
     for label, ev, tr in pairs:
         variant = (ev or tr).variant
-        iw = ev.metrics.get("iwelbo") if ev is not None else None
-        iw = iw if isinstance(iw, dict) else {}
+        iw = _section(ev, "iwelbo")
+        untrained = _section(ev, "untrained")
+        recon = _section(ev, "reconstruction")
         ours = _number(iw.get("mean_nats"))
         bpd = _number(iw.get("bits_per_dim"))
         if bpd is None and ours is not None:
@@ -323,11 +388,8 @@ def results_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
         paper = reference.PAPER_NATS.get(variant)
         repro = reference.REPRODUCTION_NATS.get(variant)
         summary = tr.summary if tr is not None else {}
-        steps = _number(summary.get("steps"))
-        n_dev = _number(summary.get("n_devices"))
-        k = _number(iw.get("k"))
-        n_images = _number(iw.get("n_images"))
         hardware = summary.get("hardware")
+        tier = smallest_tier(ev.tier if ev else None, tr.tier if tr else None)
         rows.append({
             "variant": label,
             "ours_nats": ours,
@@ -337,13 +399,22 @@ def results_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
             "reproduction_nats": repro,
             "diff_paper_pct": diff_percent(ours, paper),
             "diff_reproduction_pct": diff_percent(ours, repro),
-            "steps": int(steps) if steps is not None else None,
+            "untrained_nats": _number(untrained.get("mean_nats")),
+            "untrained_stderr_nats": _number(untrained.get("stderr_nats")),
+            "trained_same_images_nats": _number(untrained.get("trained_same_images_nats")),
+            "untrained_n_images": _int(untrained.get("n_images")),
+            "reconstruction_accuracy": _number(recon.get("accuracy")),
+            "classifier_accuracy_originals": _number(recon.get("classifier_accuracy_originals")),
+            "prior_top_probability": _number(
+                _section(ev, "prior_samples").get("mean_top_probability")),
+            "steps": _int(summary.get("steps")),
             "wall_time_s": _number(summary.get("wall_time_s")),
             "hardware": hardware if isinstance(hardware, str) and hardware else None,
-            "n_devices": int(n_dev) if n_dev is not None else None,
-            "k": int(k) if k is not None else None,
-            "n_images": int(n_images) if n_images is not None else None,
-            "smoke": bool((ev is not None and ev.smoke) or (tr is not None and tr.smoke)),
+            "n_devices": _int(summary.get("n_devices")),
+            "k": _int(iw.get("k")),
+            "n_images": _int(iw.get("n_images")),
+            "tier": tier,
+            "smoke": tier == "smoke",
         })
     return pd.DataFrame(rows, columns=RESULT_COLUMNS).astype(object)
 
@@ -365,69 +436,165 @@ def _fmt(x: float | None, spec: str, signed: bool = False) -> str:
     return format(x, ("+" if signed else "") + spec)
 
 
+def _mean_se(mean: float | None, se: float | None, spec: str = ".2f") -> str:
+    if mean is None:
+        return MISSING
+    return format(mean, spec) + (f" ± {format(se, spec)}" if se is not None else "")
+
+
+def _pct(share: float | None) -> str:
+    return MISSING if share is None else f"{100 * share:.1f} %"
+
+
 def format_results(df: pd.DataFrame) -> pd.DataFrame:
-    """The results table as shown: strings, one column per reported quantity."""
+    """The results table as shown: strings, one column per reported quantity (how each run
+    was made is in `format_run_details`)."""
     out = []
     for r in df.to_dict("records"):
-        ours = MISSING
-        if r["ours_nats"] is not None:
-            ours = f"{r['ours_nats']:.2f}"
-            if r["ours_stderr_nats"] is not None:
-                ours += f" ± {r['ours_stderr_nats']:.2f}"
-        hardware = r["hardware"] or MISSING
-        if r["n_devices"] is not None and r["hardware"]:
-            hardware += f" ({r['n_devices']} device{'s' if r['n_devices'] != 1 else ''})"
+        untrained = _mean_se(r["untrained_nats"], r["untrained_stderr_nats"])
+        trained_same = MISSING
+        if r["trained_same_images_nats"] is not None:
+            trained_same = f"{r['trained_same_images_nats']:.2f}"
+            if r["untrained_n_images"] is not None:
+                trained_same += f" ({r['untrained_n_images']:,} images)"
+        recon = _pct(r["reconstruction_accuracy"])
+        if recon != MISSING and r["classifier_accuracy_originals"] is not None:
+            recon += f" (classifier {_pct(r['classifier_accuracy_originals'])})"
         out.append({
             "variant": r["variant"],
-            "run": "SMOKE" if r["smoke"] else "full",
-            "ours (nats, mean ± se)": ours,
+            "run": TIER_LABELS.get(r["tier"], "full"),
+            "ours (nats, mean ± se)": _mean_se(r["ours_nats"], r["ours_stderr_nats"]),
             "bits/dim": _fmt(r["bits_per_dim"], ".4f"),
             "paper (nats)": _fmt(r["paper_nats"], ".2f"),
             "reproduction (nats)": _fmt(r["reproduction_nats"], ".2f"),
             "diff vs paper %": _fmt(r["diff_paper_pct"], ".2f", signed=True),
             "diff vs reproduction %": _fmt(r["diff_reproduction_pct"], ".2f", signed=True),
-            "steps": _fmt(r["steps"], ","),
-            "wall time": format_duration(r["wall_time_s"]),
-            "hardware": hardware,
-            "K": _fmt(r["k"], "d"),
-            "n images": _fmt(r["n_images"], ","),
+            "untrained model (nats)": untrained,
+            "trained, same images (nats)": trained_same,
+            "reconstructions recognised": recon,
+            "prior samples: mean top-class probability": _fmt(r["prior_top_probability"], ".3f"),
         })
     return pd.DataFrame(out)
 
 
-def eval_details_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
-    """Damage recovery, linear probe and t-SNE scalars per evaluated run (columns present in
-    at least one run)."""
+def format_run_details(df: pd.DataFrame) -> pd.DataFrame:
+    """How each result was made: training steps, wall time, hardware, K and test images."""
+    out = []
+    for r in df.to_dict("records"):
+        hardware = r["hardware"] or MISSING
+        if r["n_devices"] is not None and r["hardware"]:
+            hardware += f" ({r['n_devices']} device{'s' if r['n_devices'] != 1 else ''})"
+        out.append({
+            "variant": r["variant"],
+            "training steps": _fmt(r["steps"], ","),
+            "training wall time": format_duration(r["wall_time_s"]),
+            "hardware": hardware,
+            "K (importance samples)": _fmt(r["k"], "d"),
+            "test images": _fmt(r["n_images"], ","),
+        })
+    return pd.DataFrame(out)
+
+
+def classifier_text(pairs: Sequence[tuple]) -> str | None:
+    """One sentence on the digit classifier the evaluations used (None if none says)."""
+    seen: dict = {}
+    for label, ev, _ in pairs:
+        c = _section(ev, "classifier")
+        if not c:
+            continue
+        kind = c.get("kind") if isinstance(c.get("kind"), str) else "classifier"
+        n, acc = _int(c.get("n_train")), _number(c.get("test_accuracy"))
+        text = (f"{kind}, fit on {_fmt(n, ',')} training images, {_pct(acc)} accurate on the "
+                "test images")
+        seen.setdefault(text, []).append(label)
+    if not seen:
+        return None
+    if len(seen) == 1:
+        return f"Digit classifier: {next(iter(seen))}."
+    return "Digit classifiers: " + "; ".join(f"{', '.join(v)}: {k}" for k, v in seen.items()) + "."
+
+
+def prior_labels_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
+    """Per evaluated run: how many prior samples the digit classifier puts in each class."""
     rows = []
     for label, ev, _ in pairs:
-        if ev is None:
+        prior = _section(ev, "prior_samples")
+        hist = prior.get("label_histogram")
+        counts = [_int(c) for c in hist] if isinstance(hist, list) and len(hist) == 10 else None
+        if not prior or counts is None or None in counts:
+            continue
+        row = {"variant": label, "samples": _fmt(_int(prior.get("n_images")), ","),
+               "mean top-class probability": _fmt(_number(prior.get("mean_top_probability")),
+                                                  ".3f")}
+        total = sum(counts)
+        row.update({f"{d}": f"{c:,}" for d, c in enumerate(counts)})
+        row["most common"] = (f"{int(np.argmax(counts))} ({100 * max(counts) / total:.0f} %)"
+                              if total else MISSING)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def recovered_text(damage: dict) -> str:
+    """The recovered share of the damage, or why there is none to show."""
+    if damage.get("meaningful") is False:
+        return "not meaningful (damage did not lower the score)"
+    fraction = _number(damage.get("recovered_fraction"))
+    if damage.get("meaningful") is not True or fraction is None:
+        return MISSING
+    return f"{100 * fraction:.1f} %"
+
+
+def damage_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
+    """Damage recovery per evaluated run that has it: mean log-likelihoods (± standard error)
+    and the recovered share of the damage."""
+    rows = []
+    for label, ev, _ in pairs:
+        damage = _section(ev, "damage")
+        if not damage:
             continue
         row: dict = {"variant": label}
-        damage = ev.metrics.get("damage")
-        if isinstance(damage, dict):
-            for key, title in (("before", "LL before damage (nats)"),
-                               ("after_damage", "LL after damage (nats)"),
-                               ("after_recovery", "LL after recovery (nats)")):
-                row[title] = _fmt(_number(damage.get(key)), ".2f")
-            b, a, r = (_number(damage.get(k)) for k in ("before", "after_damage",
-                                                         "after_recovery"))
-            if None not in (b, a, r) and b != a:
-                row["recovered % of damage"] = f"{100.0 * (r - a) / (b - a):.1f}"
-            row["damage images"] = _fmt(_number(damage.get("n_images")), ",.0f")
-        probe = ev.metrics.get("probe")
-        if isinstance(probe, dict):
+        for key, title in (("before", "before damage"), ("after_damage", "just after damage"),
+                           ("after_recovery", "after recovery"),
+                           ("undamaged_final", "undamaged, same step")):
+            row[f"{title} (nats)"] = _mean_se(_number(damage.get(key)),
+                                              _number(damage.get(f"{key}_stderr")))
+        row["recovered share of the damage"] = recovered_text(damage)
+        at, steps = _int(damage.get("damage_at")), _int(damage.get("recovery_steps"))
+        row["damage at step / recovery steps"] = f"{_fmt(at, 'd')} / {_fmt(steps, 'd')}"
+        row["images"] = _fmt(_int(damage.get("n_images")), ",")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+_KNN_KEY = re.compile(r"^knn(\d+)_accuracy_(latent|tsne)$")
+
+
+def latent_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
+    """Linear probe on cell states and label accuracy of the latent space per evaluated run
+    (columns present in at least one run)."""
+    rows = []
+    for label, ev, _ in pairs:
+        probe, tsne = _section(ev, "probe"), _section(ev, "tsne")
+        if not probe and not tsne:
+            continue
+        row: dict = {"variant": label}
+        if probe:
             acc = _number(probe.get("accuracy"))
             row["probe accuracy %"] = _fmt(None if acc is None else 100 * acc, ".2f")
             row["probe train / test images"] = (
-                f"{_fmt(_number(probe.get('n_train_images')), ',.0f')} / "
-                f"{_fmt(_number(probe.get('n_test_images')), ',.0f')}")
-        tsne = ev.metrics.get("tsne")
-        if isinstance(tsne, dict):
-            row["t-SNE images"] = _fmt(_number(tsne.get("n_images")), ",.0f")
+                f"{_fmt(_int(probe.get('n_train_images')), ',')} / "
+                f"{_fmt(_int(probe.get('n_test_images')), ',')}")
+        if tsne:
+            row["t-SNE images"] = _fmt(_int(tsne.get("n_images")), ",")
+            for key, value in tsne.items():
+                m = _KNN_KEY.match(key)
+                if m and (v := _number(value)) is not None:
+                    where = "encoder means" if m.group(2) == "latent" else "t-SNE"
+                    row[f"{m.group(1)}-NN label accuracy, {where} %"] = f"{100 * v:.1f}"
         rows.append(row)
     df = pd.DataFrame(rows)
-    if df.empty or len(df.columns) <= 1:
-        return pd.DataFrame()
+    if df.empty:
+        return df
     return df.fillna(MISSING)
 
 
@@ -440,7 +607,7 @@ def config_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
         c = tr.cfg
         cols[label] = {
             "config name": c.name,
-            "smoke": str(c.smoke),
+            "tier": c.tier,
             "train steps (config)": f"{c.train.steps:,}",
             "batch size": str(c.train.batch_size),
             "learning rate": f"{c.train.learning_rate:g}",
@@ -627,10 +794,21 @@ def match_percentiles(report: dict) -> dict:
 def _png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
+    with mpl.rc_context(FONT):
+        fig.savefig(buf, format="png", dpi=DPI)
     return buf.getvalue()
 
 
+def _legible(plot):
+    """Run a plotting function with the report's font sizes (text takes them when created)."""
+    @functools.wraps(plot)
+    def wrapped(*args, **kwargs):
+        with mpl.rc_context(FONT):
+            return plot(*args, **kwargs)
+    return wrapped
+
+
+@_legible
 def plot_training_curves(curves: pd.DataFrame) -> bytes | None:
     if curves.empty:
         return None
@@ -639,21 +817,20 @@ def plot_training_curves(curves: pd.DataFrame) -> bytes | None:
         panels.append(("val_elbo", "validation ELBO (nats)"))
     runs = list(dict.fromkeys(curves["run"]))
     palette = dict(zip(runs, sns.color_palette("colorblind", len(runs))))
-    fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
+    fig = Figure(figsize=(min(MAX_FIGURE_IN, 4.4 * len(panels)), 3.9), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for i, (ax, (metric, title)) in enumerate(zip(axes, panels)):
+    for ax, (metric, title) in zip(axes, panels):
         sub = curves[curves["metric"] == metric]
         sns.lineplot(data=sub, x="step", y="value", hue="run", palette=palette, ax=ax,
                      estimator=None, sort=True, marker="o" if metric == "val_elbo" else None,
-                     markersize=4, linewidth=1.2, legend=(i == 0))
+                     markersize=5, linewidth=1.6, legend=False)
         ax.set_xscale("log")
         ax.set_title(title)
         ax.set_xlabel("training step (log)")
         ax.set_ylabel("")
         ax.grid(alpha=0.3)
-    leg = axes[0].get_legend()
-    if leg is not None:
-        leg.set_title("")
+    handles = [Line2D([], [], color=palette[r], linewidth=2) for r in runs]
+    fig.legend(handles, runs, loc="outside upper center", ncols=len(runs), frameon=False)
     return _png(fig)
 
 
@@ -666,68 +843,108 @@ def _tsne_arrays(ev: EvalRun) -> tuple | None:
     return xy.astype(float), labels
 
 
+@_legible
 def plot_tsne_panels(runs: Sequence[tuple]) -> bytes | None:
-    """One t-SNE panel per run, side by side, coloured by matched label."""
+    """One t-SNE panel per run (at most three a row), coloured by matched label."""
     data = [(label, a) for label, ev in runs if (a := _tsne_arrays(ev)) is not None]
     if not data:
         return None
-    fig = Figure(figsize=(4.0 * len(data) + 0.8, 4.0), layout="constrained")
-    axes = fig.subplots(1, len(data), squeeze=False)[0]
+    ncols = min(len(data), 3)
+    nrows = -(-len(data) // ncols)
+    side = min(4.2, (MAX_FIGURE_IN - 1.0) / ncols)
+    fig = Figure(figsize=(side * ncols + 1.0, side * nrows + 0.3), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(data):]:
+        ax.set_visible(False)
     classes = sorted({int(v) for _, (_, lab) in data for v in lab})
     palette = dict(zip(classes, sns.color_palette("tab10", max(len(classes), 1))))
-    for i, (ax, (label, (xy_Nx2, lab_N))) in enumerate(zip(axes, data)):
-        frame = pd.DataFrame({"x": xy_Nx2[:, 0], "y": xy_Nx2[:, 1],
-                              "label": lab_N.astype(int)})
-        sns.scatterplot(data=frame, x="x", y="y", hue="label", palette=palette, s=6,
-                        linewidth=0, ax=ax, legend=(i == len(data) - 1))
-        ax.set_title(f"{label} ({len(frame):,} images)")
+    for ax, (label, (xy_Nx2, lab_N)) in zip(axes, data):
+        # Dots as large as the panel allows: ~4 px for thousands of points, larger for few.
+        size = float(np.clip(6000.0 / len(xy_Nx2), 9.0, 40.0))
+        for c in classes:
+            sel = lab_N.astype(int) == c
+            ax.scatter(xy_Nx2[sel, 0], xy_Nx2[sel, 1], s=size, color=palette[c],
+                       linewidths=0, alpha=0.85)
+        ax.set_title(f"{label} ({len(xy_Nx2):,} images)")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_xlabel("")
-        ax.set_ylabel("")
-    if axes[-1].get_legend() is not None:
-        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0), title="label",
-                        frameon=False, markerscale=2)
+    handles = [Line2D([], [], linestyle="", marker="o", markersize=8, color=palette[c])
+               for c in classes]
+    fig.legend(handles, [str(c) for c in classes], loc="outside right center", title="label",
+               frameon=False)
     return _png(fig)
 
 
-def _damage_curve(ev: EvalRun) -> tuple | None:
-    steps, ll = ev.arrays.get("damage_curve_steps"), ev.arrays.get("damage_curve_ll")
-    if steps is None or ll is None or steps.ndim != 1 or steps.shape != ll.shape:
+def damage_curves(ev: EvalRun) -> tuple | None:
+    """(steps_S, ll_NxS undamaged, steps_R1, ll_NxR1 damaged) from arrays.npz, or None when
+    absent or of inconsistent shapes."""
+    a = ev.arrays
+    arrays = [a.get(k) for k in ("damage_steps_undamaged", "damage_ll_undamaged",
+                                 "damage_steps_damaged", "damage_ll_damaged")]
+    if any(x is None for x in arrays):
         return None
-    if steps.size == 0:
+    steps_u, ll_u, steps_d, ll_d = (np.asarray(x, float) for x in arrays)
+    if steps_u.ndim != 1 or steps_d.ndim != 1 or ll_u.ndim != 2 or ll_d.ndim != 2:
         return None
-    return steps.astype(float), ll.astype(float)
+    if (ll_u.shape[1] != steps_u.size or ll_d.shape[1] != steps_d.size
+            or len(ll_u) != len(ll_d) or len(ll_u) == 0 or steps_d.size == 0):
+        return None
+    return steps_u, ll_u, steps_d, ll_d
 
 
-def plot_recovery_curves(runs: Sequence[tuple]) -> bytes | None:
-    """Log-likelihood over NCA steps around the damage, every run on one axis."""
-    rows, damage_at = [], set()
+def recovery_lines(runs: Sequence[tuple]) -> list:
+    """[(run label, "undamaged" | "damaged", steps, mean, standard error, n images)]: two lines
+    per run with damage arrays, the mean log-likelihood over its test images per NCA step."""
+    lines = []
     for label, ev in runs:
-        c = _damage_curve(ev)
+        c = damage_curves(ev)
         if c is None:
             continue
-        rows += [(label, s, v) for s, v in zip(*c)]
-        dmg = ev.metrics.get("damage")
-        at = _number(dmg.get("damage_at")) if isinstance(dmg, dict) else None
-        if at is not None:
-            damage_at.add(at)
-    if not rows:
+        steps_u, ll_u, steps_d, ll_d = c
+        for what, steps, ll in (("undamaged", steps_u, ll_u), ("damaged", steps_d, ll_d)):
+            n = len(ll)
+            se = ll.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(ll.shape[1])
+            lines.append((label, what, steps, ll.mean(axis=0), se, n))
+    return lines
+
+
+@_legible
+def plot_recovery_curves(runs: Sequence[tuple]) -> bytes | None:
+    """Mean log-likelihood (± one standard error) over NCA steps of every run with damage
+    arrays: the undamaged run (solid) and the damaged run branching off it (dashed)."""
+    lines = recovery_lines(runs)
+    if not lines:
         return None
-    frame = pd.DataFrame(rows, columns=["run", "NCA step", "log-likelihood (nats)"])
-    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
+    labels = list(dict.fromkeys(line[0] for line in lines))
+    colours = dict(zip(labels, sns.color_palette("colorblind", len(labels))))
+    fig = Figure(figsize=(9.0, 4.6), layout="constrained")
     ax = fig.subplots()
-    sns.lineplot(data=frame, x="NCA step", y="log-likelihood (nats)", hue="run", ax=ax,
-                 estimator=None, marker="o", markersize=3)
+    damage_at = set()
+    for label, what, steps, mean, se, n in lines:
+        colour = colours[label]
+        ax.fill_between(steps, mean - se, mean + se, color=colour, alpha=0.2, linewidth=0)
+        text = "undamaged" if what == "undamaged" else "damaged, then regrown"
+        ax.plot(steps, mean, "-" if what == "undamaged" else "--", color=colour, linewidth=2,
+                label=f"{label}: {text} ({n:,} images)")
+        if what == "damaged":
+            damage_at.add(float(steps[0]))
     for at in sorted(damage_at):
-        ax.axvline(at, color="0.3", linestyle="--", linewidth=1)
-        ax.annotate("damage", (at, 1.0), xycoords=("data", "axes fraction"),
-                    xytext=(3, -12), textcoords="offset points", fontsize=8)
+        ax.axvline(at, color="0.3", linestyle=":", linewidth=1.2)
+        ax.annotate(f"damage (step {at:g})", (at, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(4, -16), textcoords="offset points", fontsize=11)
+    # The first steps of growth score far below the rest; keep the range around the damage.
+    lo = min(np.percentile(line[3], 1) for line in lines)
+    hi = max(line[3].max() for line in lines)
+    ax.set_ylim(lo - 0.08 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
+    ax.set_xlabel("NCA step")
+    ax.set_ylabel("log p(x | state) (nats)")
     ax.grid(alpha=0.3)
-    ax.set_title("Recovery after damage")
+    ax.legend(loc="lower right", frameon=True, framealpha=0.9)
+    ax.set_title("Damage recovery: mean over test images ± one standard error")
     return _png(fig)
 
 
+@_legible
 def plot_match_distributions(hists: dict, percentiles: dict | None = None) -> bytes | None:
     """One panel per histogram (counts over nats) and per percentile summary (nats against
     percentile, log axes where the values allow), splits as lines."""
@@ -737,7 +954,7 @@ def plot_match_distributions(hists: dict, percentiles: dict | None = None) -> by
     fields = [("hist", f) for f in hists] + [("pct", f) for f in percentiles]
     ncols = min(len(fields), 3)
     nrows = -(-len(fields) // ncols)
-    fig = Figure(figsize=(4.6 * ncols, 3.4 * nrows), layout="constrained")
+    fig = Figure(figsize=(min(MAX_FIGURE_IN, 4.4 * ncols), 3.8 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[len(fields):]:
         ax.set_visible(False)
@@ -751,7 +968,7 @@ def plot_match_distributions(hists: dict, percentiles: dict | None = None) -> by
                                   for q, v in zip(qs, vs)],
                                  columns=["split", "percentile", "nats"])
             sns.lineplot(data=frame, x="percentile", y="nats", hue="split", palette=colors,
-                         marker="o", markersize=4, estimator=None, ax=ax)
+                         marker="o", markersize=5, estimator=None, ax=ax)
             ax.set_xscale("log")
             if (frame["nats"] > 0).all():
                 ax.set_yscale("log")
@@ -760,17 +977,25 @@ def plot_match_distributions(hists: dict, percentiles: dict | None = None) -> by
             continue
         log_x = False
         for split, (counts, edges) in hists[field].items():
-            ax.stairs(counts, edges, label=split, color=colors.get(split), linewidth=1.4)
+            ax.stairs(counts, edges, label=split, color=colors.get(split), linewidth=1.6)
             log_x = log_x or (edges[0] > 0 and edges[-1] / edges[0] > 100)
         if log_x and all(e[0] > 0 for _, e in hists[field].values()):
             ax.set_xscale("log")
-        ax.set_title(field.replace("_", " "))
+        ax.set_title(f"{field.replace('_', ' ')} (histogram)")
         ax.set_xlabel("nats")
         ax.set_ylabel("images")
         ax.legend(frameon=False)
     return _png(fig)
 
 
+def match_caption(hists: dict, percentiles: dict) -> str:
+    """Says which kinds of panel the match-distribution figure holds."""
+    kinds = [k for k, present in (("histograms", hists), ("percentiles", percentiles))
+             if present]
+    return "Match margins: " + (" and ".join(kinds) or "none") + " per split"
+
+
+# ---------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------
 # Document model, rendered to HTML and Markdown.
 
@@ -785,7 +1010,7 @@ class Heading:
 @dataclasses.dataclass
 class Para:
     text: str
-    css: str = ""  # "smoke" makes the banner
+    banner: str = ""  # a tier ("smoke", "demo", "cpu"): the text is that tier's banner
 
 
 @dataclasses.dataclass
@@ -814,26 +1039,37 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
 
 
+# Evaluation figures the report re-plots for every run at once from arrays.npz:
+# file -> (plot function, arrays reader, figure id, title). A run the re-plot covers does not
+# show its own PNG of that figure (each thing is shown once).
+REPLOTS = {
+    "tsne.png": (plot_tsne_panels, _tsne_arrays, "tsne-panels",
+                 "t-SNE of encoder means, one panel per run, coloured by matched label"),
+    "damage_curve.png": (plot_recovery_curves, damage_curves, "recovery-curves",
+                         ("Log-likelihood over NCA steps: undamaged run (solid) and the "
+                          "damaged run branching off it (dashed)")),
+}
+
+
 def _figure_rows(pairs: Sequence[tuple]) -> list:
-    """Blocks for every evaluation figure: one row per figure kind, runs side by side."""
+    """Blocks for every evaluation figure: one heading per figure kind, then either the report's
+    re-plot of all runs or the runs' own PNGs side by side (each at its own size)."""
     runs = [(label, ev) for label, ev, _ in pairs if ev is not None]
     blocks: list = []
     for fname, caption in artifacts.EVAL_FIGURES.items():
-        blocks.append(Heading(caption, 3, anchor=f"fig-{fname.removesuffix('.png')}"))
         stem = fname.removesuffix(".png")
-        if fname == "tsne.png":
-            png = plot_tsne_panels(runs)
+        blocks.append(Heading(caption, 3, anchor=f"fig-{stem}"))
+        covered: set = set()
+        if fname in REPLOTS:
+            plot, reader, fig_id, title = REPLOTS[fname]
+            png = plot(runs)
             if png is not None:
-                blocks.append(Figures([Fig("t-SNE of every run, re-plotted from arrays.npz",
-                                           png, "figures/tsne_panels.png")], "tsne-panels"))
-        if fname == "damage_curve.png":
-            png = plot_recovery_curves(runs)
-            if png is not None:
-                blocks.append(Figures([Fig("Recovery curves of every run, re-plotted from "
-                                           "arrays.npz", png, "figures/recovery_curves.png")],
-                                      "recovery-curves"))
+                covered = {label for label, ev in runs if reader(ev) is not None}
+                blocks.append(Figures([Fig(title, png, f"figures/{fig_id}.png")], fig_id))
         figs = []
         for label, ev in runs:
+            if label in covered:
+                continue
             path = ev.figures.get(fname)
             if path is not None:
                 figs.append(Fig(label, path.read_bytes(),
@@ -844,29 +1080,45 @@ def _figure_rows(pairs: Sequence[tuple]) -> list:
                     why = f"not produced ({fname}: {ev.unreadable[fname]})"
                 elif ev.variant == "baseline" and fname in NCA_ONLY_FIGURES:
                     why = "not produced (no NCA in the baseline)"
+                elif ev.variant == "doubling" and fname in NONDOUBLING_ONLY_FIGURES:
+                    why = "not produced (evaluated for the non-doubling model only)"
                 figs.append(Fig(label, None, "", missing=why))
-        blocks.append(Figures(figs, f"fig-{stem}-runs"))
+        if figs:
+            blocks.append(Figures(figs, f"fig-{stem}-runs"))
     return blocks
 
 
-def _smoke_text(pairs: Sequence[tuple]) -> str | None:
-    smoke = []
+def tier_banners(pairs: Sequence[tuple]) -> list:
+    """[(tier, text)] for every tier below the paper's among the runs, smallest first."""
+    by_tier: dict = {}
     for label, ev, tr in pairs:
-        if (ev is not None and ev.smoke) or (tr is not None and tr.smoke):
-            steps = _number(tr.summary.get("steps")) if tr is not None else None
-            smoke.append(label + (f" ({int(steps):,} steps)" if steps is not None else ""))
-    if not smoke:
-        return None
-    return ("SMOKE RUN: " + ", ".join(smoke) + ". A smoke run trains a tiny model for seconds "
-            "to test the pipeline; its numbers are NOT comparable with the paper's or the "
-            "reproduction's.")
+        tier = smallest_tier(ev.tier if ev else None, tr.tier if tr else None)
+        if tier in TIER_BANNERS:
+            steps = _int(tr.summary.get("steps")) if tr is not None else None
+            by_tier.setdefault(tier, []).append(
+                label + (f" ({steps:,} steps)" if steps is not None else ""))
+    return [(t, TIER_BANNERS[t].format(runs=", ".join(by_tier[t])))
+            for t in TIERS if t in by_tier]
+
+
+def _quality_text(pairs: Sequence[tuple]) -> str:
+    text = ("Do the models make digits? An independent digit classifier (not part of any model) "
+            "labels each test reconstruction (its Bernoulli means): 'reconstructions "
+            "recognised' is the share it labels as the test image's digit, beside the "
+            "classifier's own accuracy on those original images (the ceiling); "
+            f"{100 * RECONSTRUCTION_BAR:.0f} % or more is the bar. 'prior samples: mean "
+            "top-class probability' is how sure the classifier is, on average, about samples "
+            "decoded from the prior (near 1: they look like digits; 0.1: noise). 'untrained "
+            "model' is the same bound at the initial parameters, beside the trained model's "
+            "on the same test images.")
+    clf = classifier_text(pairs)
+    return text + (" " + clf if clf else "")
 
 
 def report_blocks(pairs: Sequence[tuple], data: DataInfo) -> list:
     blocks: list = [Heading("Variational Neural Cellular Automata: reproduction report", 1)]
-    smoke = _smoke_text(pairs)
-    if smoke:
-        blocks.append(Para(smoke, css="smoke"))
+    for tier, text in tier_banners(pairs):
+        blocks.append(Para(text, banner=tier))
     blocks.append(Para(
         "Importance-weighted bound on the log-likelihood of the binarized MNIST test set "
         "(nats per image, higher is better; bits/dim per real 28x28 pixel, lower is better), "
@@ -875,7 +1127,31 @@ def report_blocks(pairs: Sequence[tuple], data: DataInfo) -> list:
         "|reference|: positive means our bound is higher. The paper reports no number for "
         "the baseline."))
     blocks.append(Heading("Results", 2, anchor="results-section"))
-    blocks.append(Table(format_results(results_frame(pairs)), "results", numeric=True))
+    results = results_frame(pairs)
+    blocks.append(Table(format_results(results), "results", numeric=True))
+    blocks.append(Para(_quality_text(pairs)))
+    labels = prior_labels_frame(pairs)
+    if not labels.empty:
+        blocks.append(Heading("Prior samples: the classifier's label for each sample", 3,
+                              anchor="prior-labels-section"))
+        blocks.append(Table(labels, "prior-labels", numeric=True))
+    blocks.append(Heading("How each run was made", 3, anchor="run-details-section"))
+    blocks.append(Table(format_run_details(results), "run-details", numeric=True))
+
+    damage = damage_frame(pairs)
+    if not damage.empty:
+        blocks.append(Heading("Damage recovery", 2, anchor="damage-section"))
+        blocks.append(Para(
+            "Mean log-likelihood (nats ± one standard error) of the test reconstructions at "
+            "the damage step, just after the damage, and after the recovery steps, beside the "
+            "same run without damage at that last step. Recovered share = (after recovery - "
+            "just after damage) / (undamaged - just after damage); not meaningful when the "
+            "damage did not lower the score below the undamaged run's."))
+        blocks.append(Table(damage, "damage", numeric=True))
+    latent = latent_frame(pairs)
+    if not latent.empty:
+        blocks.append(Heading("Linear probe and latent space", 2, anchor="latent-section"))
+        blocks.append(Table(latent, "latent", numeric=True))
 
     trains = [(label, tr) for label, _, tr in pairs if tr is not None]
     blocks.append(Heading("Training curves", 2, anchor="training-curves"))
@@ -885,31 +1161,22 @@ def report_blocks(pairs: Sequence[tuple], data: DataInfo) -> list:
                                missing="not produced (no training records with step > 0)")],
                           "training-curves-fig"))
 
-    details = eval_details_frame(pairs)
-    if not details.empty:
-        blocks.append(Heading("Damage recovery and probes", 2, anchor="eval-details-section"))
-        blocks.append(Table(details, "eval-details", numeric=True))
-
     blocks.append(Heading("Evaluation figures", 2, anchor="figures"))
     blocks += _figure_rows(pairs)
 
     blocks.append(Heading("Dataset: label matching", 2, anchor="label-matching"))
     blocks.append(Para(f"From {data.path}: each binarized test/train image matched to its "
-                       "MNIST source image by Bernoulli log-likelihood."))
+                       "MNIST source image by Bernoulli log-likelihood. The raw statistics "
+                       "per split are at the end of the report."))
     top = match_top_level(data.match_report)
     if top:
         blocks.append(Table(pd.DataFrame(top, columns=["field", "value"]), "match-summary"))
-    table = match_table(data.match_report)
-    if not table.empty:
-        blocks.append(Table(table, "match-report"))
-    else:
-        blocks.append(Para("The match report has no per-split fields."))
-    hist_png = plot_match_distributions(match_histograms(data.match_report),
-                                        match_percentiles(data.match_report))
+    hists = match_histograms(data.match_report)
+    pcts = match_percentiles(data.match_report)
     pairs_png = data.matched_pairs.read_bytes() if data.matched_pairs is not None else None
     pairs_missing = "not produced" + (f" ({data.unreadable})" if data.unreadable else "")
     blocks.append(Figures([Fig(
-        "Match margins: histograms and percentiles per split", hist_png,
+        match_caption(hists, pcts), plot_match_distributions(hists, pcts),
         "figures/match_margins.png",
         missing="not produced (no histogram or percentiles in the match report)")],
         "match-distributions"))
@@ -925,26 +1192,36 @@ def report_blocks(pairs: Sequence[tuple], data: DataInfo) -> list:
     blocks.append(Heading("Inputs", 2, anchor="inputs"))
     blocks.append(Table(pd.DataFrame(sources, columns=["variant", "evaluation", "training"]),
                         "inputs-table"))
+
+    blocks.append(Heading("Raw statistics: label matching per split", 2,
+                          anchor="match-report-section"))
+    table = match_table(data.match_report)
+    if not table.empty:
+        blocks.append(Table(table, "match-report"))
+    else:
+        blocks.append(Para("The match report has no per-split fields."))
     return blocks
 
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1400px;
- padding:0 16px;color:#1b1b1b;line-height:1.45}
+ padding:0 16px;color:#1b1b1b;line-height:1.45;box-sizing:border-box}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:1.8em}
 h3{font-size:1.05em;margin-top:1.4em}
 table{border-collapse:collapse;margin:8px 0 16px;font-size:0.9em}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f3f3f3}
 table.num td:not(:first-child),table.num th:not(:first-child){text-align:right}
-.smoke{background:#fff3cd;border:2px solid #d39e00;color:#5c4400;padding:12px 16px;
- font-weight:600;font-size:1.1em;border-radius:4px}
-.row{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
-figure{margin:0;flex:1 1 280px;max-width:100%}
-figure img{max-width:100%;height:auto;border:1px solid #eee}
+table.num td{white-space:nowrap}
+.banner{background:#fff3cd;border:2px solid #d39e00;color:#5c4400;padding:12px 16px;
+ font-weight:600;font-size:1.1em;border-radius:4px;margin:8px 0}
+.row{display:flex;flex-wrap:wrap;gap:16px 24px;align-items:flex-start;margin:8px 0}
+figure{margin:0;flex:0 1 auto;max-width:100%}
+figure img{display:block;max-width:100%;height:auto;border:1px solid #eee}
 figure img.small{image-rendering:pixelated;width:min(100%,360px)}
-figcaption{font-size:0.85em;color:#444;margin-top:2px}
-.missing{color:#888;font-style:italic;border:1px dashed #ccc;padding:24px 8px;text-align:center}
+figcaption{font-size:0.95em;color:#333;margin-top:4px;font-weight:600}
+.missing{color:#888;font-style:italic;border:1px dashed #ccc;padding:12px 8px;text-align:center;
+ width:240px}
 """
 
 
@@ -957,9 +1234,9 @@ def render_html(blocks: Sequence) -> str:
             anchor = f' id="{html.escape(b.anchor)}"' if b.anchor else ""
             out.append(f"<h{b.level}{anchor}>{html.escape(b.text)}</h{b.level}>")
         elif isinstance(b, Para):
-            if b.css == "smoke":
-                out.append(f'<div id="smoke-banner" class="smoke" role="alert">'
-                           f"{html.escape(b.text)}</div>")
+            if b.banner:
+                out.append(f'<div id="{html.escape(b.banner)}-banner" class="banner" '
+                           f'role="alert">{html.escape(b.text)}</div>')
             else:
                 out.append(f"<p>{html.escape(b.text)}</p>")
         elif isinstance(b, Table):
@@ -1006,7 +1283,7 @@ def render_markdown(blocks: Sequence) -> str:
         if isinstance(b, Heading):
             out.append("#" * b.level + " " + b.text)
         elif isinstance(b, Para):
-            out.append(f"> **{b.text}**" if b.css == "smoke" else b.text)
+            out.append(f"> **{b.text}**" if b.banner else b.text)
         elif isinstance(b, Table):
             out.append(markdown_table(b.frame))
         elif isinstance(b, Figures):

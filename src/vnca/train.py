@@ -56,7 +56,7 @@ class TrainingDivergedError(UserError):
 
 # Config keys that may differ when resuming into an existing output directory; everything else
 # (model, data, seed, batch size, optimizer structure, pool) must match the checkpoint.
-RESUMABLE_KEYS = ("name", "smoke", "train.steps", "train.learning_rate", "train.beta",
+RESUMABLE_KEYS = ("name", "tier", "train.steps", "train.learning_rate", "train.beta",
                   "train.clip_norm", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.log_every", "train.val_every", "train.val_images",
                   "train.val_iw_samples", "eval", "hardware",
@@ -301,7 +301,7 @@ def _step_config(cfg: Config) -> Config:
     """The fields the compiled programs depend on (loop-only fields reset), as a cache key."""
     t = cfg.train
     return dataclasses.replace(
-        cfg, name="", smoke=False, eval=config.EvalConfig(), hardware=config.HardwareConfig(),
+        cfg, name="", tier="paper", eval=config.EvalConfig(), hardware=config.HardwareConfig(),
         train=config.TrainConfig(batch_size=t.batch_size, learning_rate=t.learning_rate,
                                  beta=t.beta, clip_norm=t.clip_norm, clip_order=t.clip_order,
                                  pool=t.pool))
@@ -504,6 +504,7 @@ def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | 
         "variant": cfg.model.variant, "name": cfg.name, "steps": tc.steps,
         "wall_time_s": wall, "hardware": distributed.hardware_string(devices),
         "n_devices": n_dev, "n_processes": jax.process_count(), "smoke": cfg.smoke,
+        "tier": cfg.tier,
         "param_count": param_count, "final_loss": final_loss,
         "batch_size": tc.batch_size, "train_split": tc.train_split, "resumed_from_step": start,
     }

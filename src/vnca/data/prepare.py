@@ -4,7 +4,10 @@ Steps: read a source (raw files with sha256 checks, TFDS, or the bundled sample)
 matching (binarized train + valid jointly against MNIST train, binarized test against MNIST
 test; see `vnca.data.matching`) -> write `dataset.npz` (no pickle; per split `{split}_x` uint8
 (N, 28, 28) in {0, 1}, `{split}_y` int64, `{split}_mnist_index` int64; unpadded: padding is
-the models' input step, `vnca.data.pad_images`), `match_report.json` and `matched_pairs.png`.
+the models' input step, `vnca.data.pad_images`), `match_report.json`, `matched_pairs.png` and
+`digit_classifier.npz`: an independent digit classifier fit on the labelled train split
+(`vnca.evaluation.classifier`), which the evaluate step uses to label reconstructions and
+samples.
 
 All input is read and checked before anything is written; the outputs are written into a
 staging folder inside OUT and renamed into place, `dataset.npz` last, so a failed or
@@ -24,6 +27,7 @@ import numpy as np
 from vnca import artifacts
 from vnca.data import matching
 from vnca.data.raw import IMAGE_SIDE, RawData
+from vnca.evaluation import classifier
 from vnca.errors import UserError
 
 SOURCES = ("raw", "tfds", "bundled")
@@ -156,6 +160,10 @@ def prepare_data(source: str = "bundled", out_dir: str | os.PathLike = "data",
     t_read = time.perf_counter() - t_start
     arrays, sections = match_all(data, k=k, chunk=chunk, progress=progress)
     counts = {s: len(arrays[f"{s}_y"]) for s in artifacts.SPLITS}
+    t0 = time.perf_counter()
+    digit_classifier = classifier.fit(arrays["train_x"], arrays["train_y"], seed=0,
+                                      x_test_NxHxW=arrays["test_x"], y_test_N=arrays["test_y"])
+    t_classifier = time.perf_counter() - t0
     report = {
         "source": source,
         "summary": _summary_line(counts, sections["splits"], sections["groups"]),
@@ -176,8 +184,12 @@ def prepare_data(source: str = "bundled", out_dir: str | os.PathLike = "data",
         },
         "groups": sections["groups"],
         "splits": sections["splits"],
+        "classifier": {"kind": f"MLP, {classifier.HIDDEN_UNITS} ReLU units (scikit-learn)",
+                       "n_train": digit_classifier.n_train,
+                       "test_accuracy": digit_classifier.test_accuracy},
         "timing_s": {"read": round(t_read, 3), **{f"match {g}": t for g, t in
-                                                   sections["timing_s"].items()}},
+                                                   sections["timing_s"].items()},
+                     "classifier": round(t_classifier, 3)},
     }
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -195,7 +207,9 @@ def prepare_data(source: str = "bundled", out_dir: str | os.PathLike = "data",
         with open(stage / artifacts.DATASET, "wb") as f:
             np.savez_compressed(f, **{k_: v for k_, v in arrays.items()
                                       if not k_.startswith("_")})
-        for name in (artifacts.MATCHED_PAIRS_PNG, artifacts.MATCH_REPORT, artifacts.DATASET):
+        digit_classifier.save(stage / artifacts.DIGIT_CLASSIFIER)
+        for name in (artifacts.MATCHED_PAIRS_PNG, artifacts.MATCH_REPORT,
+                     artifacts.DIGIT_CLASSIFIER, artifacts.DATASET):
             os.replace(stage / name, out / name)
     except OSError as e:
         raise UserError(f"{out}: cannot write the dataset artifact ({e.strerror or e})") from None

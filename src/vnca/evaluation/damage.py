@@ -3,16 +3,23 @@
 Dimension letters: N images, B images in a batch, H/W grid, C cell channels, Z latent,
 D steps before the damage, R recovery steps, S = D + R + 2 recorded states.
 
-For a test image x: z ~ q(z|x), grow D NCA steps from the seed, zero a square of cells (all
-channels, so the logits there become 0 and the pixels grey, trap T13), then grow R more steps.
-Every state s is scored as log p(x | logits = channel 0 of s) in nats, giving a curve over
+For a test image x: z ~ q(z|x), grow D NCA steps from the seed, then continue two runs from that
+state with the same key (the same update masks): an undamaged one, and a damaged one whose
+square of cells (all channels, so the logits there become 0 and the pixels grey, trap T13) is
+zeroed first. Each runs R more steps. Every state s is scored as log p(x | logits = channel 0 of
+s) in nats, giving the undamaged curve over steps 0, 1, ..., D + R and the damaged curve over
+D (just damaged), D + 1, ..., D + R.
 
-    steps_S = [0, 1, ..., D, D, D + 1, ..., D + R]
+Damage is measured against the undamaged run at the same step, never against the state before
+the damage (a model still improving would make any damage look repaired):
 
-where the first D is the state before the damage and the second the state just after it. The
-square is fixed and centred (top = left = (H - size) // 2, size = `model.damage_size`), so it
-always covers the middle of the digit and every image and run is damaged alike; training damage
-(`VAE.damage`) draws the position at random instead.
+    recovered fraction = (damaged(D + R) - damaged(D)) / (undamaged(D + R) - damaged(D))
+
+over the images' mean scores. It means something only when the damage lowered the score,
+damaged(D) < undamaged(D + R); otherwise `summarize` says it is not meaningful and gives no
+fraction. The square is fixed and centred (top = left = (H - size) // 2, size =
+`model.damage_size`), so it always covers the middle of the digit and every image and run is
+damaged alike; training damage (`VAE.damage`) draws the position at random instead.
 
 The key of image i is `fold_in(key, i)` with i its index in the test split.
 """
@@ -45,32 +52,35 @@ def damage_square_at(s_BxHxWxC: jax.Array, top: int, left: int, size: int) -> ja
     return jnp.where(hole_HxW[None, :, :, None], 0.0, s_BxHxWxC)
 
 
-def curve_steps(damage_at: int, recovery_steps: int) -> np.ndarray:
-    """The step of every recorded state: 0..D, then D again (just damaged), then D+1..D+R."""
-    return np.concatenate([np.arange(damage_at + 1), [damage_at],
-                           np.arange(damage_at + 1, damage_at + recovery_steps + 1)])
-
-
 def image_damage_run(model: VAE, params: dict, x_HxWx1: jax.Array, mean_Z: jax.Array,
                      std_Z: jax.Array, key: jax.Array, damage_at: int, recovery_steps: int,
-                     top: int, left: int) -> tuple[jax.Array, jax.Array]:
-    """(log p(x|state) [S], logits [S, H, W]) of one image grown, damaged and regrown."""
+                     top: int, left: int) -> dict:
+    """One image grown D steps, then R more steps undamaged and damaged, with the same key:
+    `ll_undamaged` [D + R + 1] and `ll_damaged` [R + 1] (nats), and the logits of both runs
+    (`logits_undamaged` [D + R + 1, H, W], `logits_damaged` [R + 1, H, W])."""
     k_z, k_pre, k_post = jax.random.split(key, 3)
     z_1xZ = (mean_Z + std_Z * jax.random.normal(k_z, mean_Z.shape, mean_Z.dtype))[None]
     s0 = model.seed(z_1xZ)
     s_pre, pre_Dx1xHxWxC = model.grow(params, s0, k_pre, damage_at, record=True,
                                       max_steps=damage_at)
     s_hit = damage_square_at(s_pre, top, left, model.cfg.damage_size)
-    _, post_Rx1xHxWxC = model.grow(params, s_hit, k_post, recovery_steps, record=True,
+    _, kept_Rx1xHxWxC = model.grow(params, s_pre, k_post, recovery_steps, record=True,
                                    max_steps=recovery_steps)
-    states = jnp.concatenate([s0[None], pre_Dx1xHxWxC, s_hit[None], post_Rx1xHxWxC], axis=0)
-    logits_SxHxW = model.to_logits(states)[:, 0]
-    x_SxHxW = jnp.broadcast_to(x_HxWx1[..., 0], logits_SxHxW.shape)
-    return losses.bernoulli_loglik(logits_SxHxW, x_SxHxW), logits_SxHxW
+    _, hit_Rx1xHxWxC = model.grow(params, s_hit, k_post, recovery_steps, record=True,
+                                  max_steps=recovery_steps)
+    runs = {"undamaged": jnp.concatenate([s0[None], pre_Dx1xHxWxC, kept_Rx1xHxWxC], axis=0),
+            "damaged": jnp.concatenate([s_hit[None], hit_Rx1xHxWxC], axis=0)}
+    out = {}
+    for name, states in runs.items():
+        logits_SxHxW = model.to_logits(states)[:, 0]
+        x_SxHxW = jnp.broadcast_to(x_HxWx1[..., 0], logits_SxHxW.shape)
+        out[f"ll_{name}"] = losses.bernoulli_loglik(logits_SxHxW, x_SxHxW)
+        out[f"logits_{name}"] = logits_SxHxW
+    return out
 
 
 def damage_batch(model: VAE, params: dict, x_BxHxWx1: jax.Array, index_B: jax.Array,
-                 key: jax.Array, damage_at: int, recovery_steps: int) -> tuple:
+                 key: jax.Array, damage_at: int, recovery_steps: int) -> dict:
     mean_BxZ, std_BxZ = model.encode(params, x_BxHxWx1)
     keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index_B)
     top, left = centred_square(model.image_size, model.cfg.damage_size)
@@ -89,41 +99,66 @@ def _damage_fn(model: VAE, damage_at: int, recovery_steps: int):
 def damage_recovery(model: VAE, params: dict, x_NxHxWx1: np.ndarray, index_N: np.ndarray,
                     key: jax.Array, damage_at: int, recovery_steps: int, batch_size: int,
                     keep_frames: int = 8, progress: bool = True) -> dict:
-    """Per-image curves `ll_NxS` (nats), the steps, and the logits of the first `keep_frames`
-    images' states (for figures)."""
+    """Per-image curves `ll_undamaged_NxS` (steps 0..D+R) and `ll_damaged_NxR1` (steps
+    D..D+R), in nats, and the logits of the first `keep_frames` images' runs (for figures)."""
     if model.variant != "nondoubling":
         raise ValueError("damage recovery is defined for the non-doubling VNCA")
     fn = _damage_fn(model, damage_at, recovery_steps)
     n = len(x_NxHxWx1)
-    lls, frames = [], []
+    parts: dict[str, list] = {}
+    kept = 0
     for start in tqdm(range(0, n, batch_size), desc="damage recovery", unit="batch",
                       disable=not progress, leave=False):
         stop = min(start + batch_size, n)
         rows = np.arange(start, start + batch_size).clip(max=stop - 1)
-        ll_BxS, logits_BxSxHxW = jax.device_get(fn(params, np.asarray(x_NxHxWx1[rows]),
-                                                   np.asarray(index_N[rows], np.int32), key))
-        lls.append(np.asarray(ll_BxS[: stop - start], np.float64))
-        if sum(len(f) for f in frames) < keep_frames:
-            frames.append(np.asarray(logits_BxSxHxW[: stop - start], np.float32))
-    steps = curve_steps(damage_at, recovery_steps)
-    ll_NxS = np.concatenate(lls) if lls else np.zeros((0, len(steps)))
-    logits = np.concatenate(frames)[:keep_frames] if frames else np.zeros((0, len(steps), 0, 0))
-    return {"steps_S": steps, "ll_NxS": ll_NxS, "logits_FxSxHxW": logits}
+        res = jax.device_get(fn(params, np.asarray(x_NxHxWx1[rows]),
+                                np.asarray(index_N[rows], np.int32), key))
+        for name in ("ll_undamaged", "ll_damaged"):
+            parts.setdefault(name, []).append(np.asarray(res[name][: stop - start], np.float64))
+        if kept < keep_frames:
+            for name in ("logits_undamaged", "logits_damaged"):
+                parts.setdefault(name, []).append(
+                    np.asarray(res[name][: stop - start], np.float32))
+            kept += stop - start
+    side = model.image_size
+    shapes = {"ll_undamaged": (damage_at + recovery_steps + 1,),
+              "ll_damaged": (recovery_steps + 1,),
+              "logits_undamaged": (damage_at + recovery_steps + 1, side, side),
+              "logits_damaged": (recovery_steps + 1, side, side)}
+    out = {}
+    for name, shape in shapes.items():
+        arrs = parts.get(name)
+        out[name] = np.concatenate(arrs) if arrs else np.zeros((0, *shape))
+        if name.startswith("logits"):
+            out[name] = out[name][:keep_frames]
+    return {"ll_undamaged_NxS": out["ll_undamaged"], "ll_damaged_NxR1": out["ll_damaged"],
+            "logits_undamaged_FxSxHxW": out["logits_undamaged"],
+            "logits_damaged_FxR1xHxW": out["logits_damaged"],
+            "steps_undamaged_S": np.arange(damage_at + recovery_steps + 1),
+            "steps_damaged_R1": np.arange(damage_at, damage_at + recovery_steps + 1)}
 
 
-def summarize(ll_NxS: np.ndarray, damage_at: int) -> dict:
-    """Mean (and standard error) per-image log-likelihood before, just after and after recovery."""
-    n = len(ll_NxS)
-    cols = {"before": damage_at, "after_damage": damage_at + 1, "after_recovery": -1}
+def summarize(ll_undamaged_NxS: np.ndarray, ll_damaged_NxR1: np.ndarray, damage_at: int) -> dict:
+    """Mean (and standard error) log-likelihoods of the two runs and the recovered fraction.
+
+    `before`: the state the damage hits (step D); `after_damage`: just damaged; `undamaged_final`
+    and `after_recovery`: step D + R without and with the damage. `recovered_fraction` is None
+    and `meaningful` False when the damage did not lower the mean score below the undamaged
+    run's final one (there is nothing to recover)."""
+    u, d = np.asarray(ll_undamaged_NxS, np.float64), np.asarray(ll_damaged_NxR1, np.float64)
+    n = len(u)
+    cols = {"before": u[:, damage_at] if n else u[:, :0], "undamaged_final": u[:, -1] if n else
+            u[:, :0], "after_damage": d[:, 0] if n else d[:, :0],
+            "after_recovery": d[:, -1] if n else d[:, :0]}
     out: dict = {"n_images": int(n)}
-    for name, col in cols.items():
-        v = ll_NxS[:, col]
+    for name, v in cols.items():
         out[name] = float(v.mean()) if n else float("nan")
         out[f"{name}_stderr"] = float(v.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-    if n:
-        b, a, r = (ll_NxS[:, c] for c in cols.values())
-        frac = (r - a)[b != a] / (b - a)[b != a]
-        out["median_recovered_fraction"] = float(np.median(frac)) if frac.size else float("nan")
-        out["share_images_lower_after_damage"] = float(np.mean(a < b))
-        out["share_images_recovered_to_before"] = float(np.mean(r >= b))
+    gap = out["undamaged_final"] - out["after_damage"]
+    out["damage_drop"] = gap if n else float("nan")
+    out["meaningful"] = bool(n and gap > 0)
+    out["recovered_fraction"] = (
+        (out["after_recovery"] - out["after_damage"]) / gap if out["meaningful"] else None)
+    out["share_images_lower_after_damage"] = (
+        float(np.mean(cols["after_damage"] < cols["undamaged_final"])) if n else float("nan"))
     return out

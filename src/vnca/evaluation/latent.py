@@ -15,25 +15,32 @@ from tqdm.auto import tqdm
 from vnca.models.vae import VAE
 
 
+def map_batches(fn, x_NxD: np.ndarray, batch_size: int, progress: bool = False,
+                desc: str = "batch") -> np.ndarray:
+    """`fn(batch_number, x_batch)` over `batch_size` rows at a time, concatenated; the last
+    batch is padded with copies of its last row (so every call runs one compiled program)."""
+    n = len(x_NxD)
+    out = []
+    for i, start in enumerate(tqdm(range(0, n, batch_size), desc=desc, unit="batch",
+                                   disable=not progress, leave=False)):
+        stop = min(start + batch_size, n)
+        rows = np.arange(start, start + batch_size).clip(max=stop - 1)
+        out.append(np.asarray(fn(i, np.asarray(x_NxD[rows])))[: stop - start])
+    return np.concatenate(out) if out else np.zeros((0,))
+
+
 @functools.lru_cache(maxsize=4)
 def _encode_fn(model: VAE):
-    return jax.jit(lambda params, x: model.encode(params, x))
+    return jax.jit(lambda params, x: model.encode(params, x)[0])
 
 
 def encoder_means(model: VAE, params: dict, x_NxHxWx1: np.ndarray, batch_size: int = 64,
                   progress: bool = True) -> np.ndarray:
-    """Means of q(z|x), `NxZ` float32, encoded `batch_size` images at a time (the last batch
-    padded, so every call compiles one program)."""
+    """Means of q(z|x), `NxZ` float32, encoded `batch_size` images at a time."""
+    if not len(x_NxHxWx1):
+        return np.zeros((0, model.cfg.z_dim), np.float32)
     fn = _encode_fn(model)
-    n = len(x_NxHxWx1)
-    out = []
-    for start in tqdm(range(0, n, batch_size), desc="encode", unit="batch",
-                      disable=not progress, leave=False):
-        stop = min(start + batch_size, n)
-        rows = np.arange(start, start + batch_size).clip(max=stop - 1)
-        mean, _ = fn(params, np.asarray(x_NxHxWx1[rows]))
-        out.append(np.asarray(mean)[: stop - start])
-    return np.concatenate(out) if out else np.zeros((0, model.cfg.z_dim), np.float32)
+    return map_batches(lambda _, x: fn(params, x), x_NxHxWx1, batch_size, progress, "encode")
 
 
 def tsne(means_NxZ: np.ndarray, seed: int) -> np.ndarray:
@@ -86,6 +93,17 @@ def decode(model: VAE, params: dict, z_BxZ: np.ndarray, key: jax.Array) -> np.nd
     return np.asarray(_decode_fn(model)(params, jnp.asarray(z_BxZ, jnp.float32), key))
 
 
+def decode_batches(model: VAE, params: dict, z_NxZ: np.ndarray, key: jax.Array,
+                   batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """Bernoulli logits `NxHxW` decoded `batch_size` latents at a time; batch b's decoder key
+    is `fold_in(key, b)`."""
+    if not len(z_NxZ):
+        side = model.image_size
+        return np.zeros((0, side, side), np.float32)
+    return map_batches(lambda i, z: decode(model, params, z, jax.random.fold_in(key, i)),
+                       np.asarray(z_NxZ, np.float32), batch_size, progress, "decode")
+
+
 def interpolations(model: VAE, params: dict, means_Px2xZ: np.ndarray, points: int,
                    key: jax.Array) -> np.ndarray:
     """Logits `n_pairs x P x H x W`; each row is decoded with one key, so only z changes
@@ -108,9 +126,17 @@ def _recon_fn(model: VAE):
     return jax.jit(recon)
 
 
-def reconstructions(model: VAE, params: dict, x_BxHxWx1: np.ndarray, key: jax.Array) -> np.ndarray:
-    """Logits `BxHxW` of reconstructions: z ~ q(z|x), decoded at evaluation settings."""
-    return np.asarray(_recon_fn(model)(params, np.asarray(x_BxHxWx1, np.float32), key))
+def reconstructions(model: VAE, params: dict, x_NxHxWx1: np.ndarray, key: jax.Array,
+                    batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """Logits `NxHxW` of reconstructions: z ~ q(z|x), decoded at evaluation settings;
+    batch b's key is `fold_in(key, b)`."""
+    if not len(x_NxHxWx1):
+        side = model.image_size
+        return np.zeros((0, side, side), np.float32)
+    fn = _recon_fn(model)
+    return map_batches(lambda i, x: fn(params, np.asarray(x, np.float32),
+                                       jax.random.fold_in(key, i)),
+                       x_NxHxWx1, batch_size, progress, "reconstruct")
 
 
 def growth(model: VAE, params: dict, z_BxZ: np.ndarray, key: jax.Array) -> np.ndarray:

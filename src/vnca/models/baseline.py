@@ -3,7 +3,8 @@
 Linear Z -> 2048 (no activation), reshape to 2x2x512, then four [ConvT 5x5 stride 2, ELU]
 512->256->128->64->32 up to 32x32, then ConvT 32->1, 5x5, stride 1. With torch padding 2 (O) the
 output is 32x32 and the model scores the zero padding; with padding 4 (R) it is 28x28 and is
-padded with -inf logits, so the pad costs exactly 0 nats.
+padded with -inf logits, so the pad costs exactly 0 nats. `width` (`model.conv_width`, 32 in the
+paper) scales every layer: 16w at 2x2, halving up to w before the last ConvT.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from vnca.models.layers import conv_transpose, dense
 class BaselineDecoder(nn.Module):
     z_dim: int
     output: str = "neg_inf_padding"  # or "model_padding"
+    width: int = 32
 
     @nn.compact
     def __call__(self, z_BxZ: jax.Array) -> jax.Array:
-        h = dense(2048, self.z_dim)(z_BxZ).reshape(-1, 2, 2, 512)
-        for c in (256, 128, 64, 32):
+        w = self.width
+        h = dense(4 * 16 * w, self.z_dim)(z_BxZ).reshape(-1, 2, 2, 16 * w)
+        for c in (8 * w, 4 * w, 2 * w, w):
             h = nn.elu(conv_transpose(c, 5, stride=2, torch_padding=2, output_padding=1)(h))
         pad = 2 if self.output == "model_padding" else 4
         logits_BxHxW = conv_transpose(1, 5, stride=1, torch_padding=pad)(h)[..., 0]

@@ -1,7 +1,9 @@
 """Convolutional encoder shared by every variant (O and R agree).
 
 Five 5x5 convs with ELU after each: 1->32 (stride 1), then 32->64->128->256->512 with stride 2,
-so a 32x32 input ends at 2x2x512; then Linear 2048 -> 2Z (mean and scale parameter).
+so a 32x32 input ends at 2x2x512; then Linear 2048 -> 2Z (mean and scale parameter). `width`
+(`model.conv_width`, 32 in the paper) is the first conv's channel count; each later conv doubles
+it. Smaller widths are for the CPU tiers only.
 A 28x28 input (O's non-doubling run) gets padding 4 on the first conv, so it is 32x32 inside.
 """
 
@@ -12,19 +14,25 @@ import jax
 
 from vnca.models.layers import conv, dense
 
-CHANNELS = (32, 64, 128, 256, 512)
+CHANNELS = (32, 64, 128, 256, 512)  # the paper's, width 32
+
+
+def channels(width: int) -> tuple[int, ...]:
+    """The five convs' output channels for a first-layer width (32: the paper's)."""
+    return tuple(width * 2**i for i in range(5))
 
 
 class Encoder(nn.Module):
     z_dim: int
     image_size: int = 32
+    width: int = 32
 
     @nn.compact
     def __call__(self, x_BxHxWx1: jax.Array) -> jax.Array:
         h = x_BxHxWx1
         first_pad = 2 + (32 - self.image_size) // 2
         c_in = 1
-        for i, c in enumerate(CHANNELS):
+        for i, c in enumerate(channels(self.width)):
             stride, pad = (1, first_pad) if i == 0 else (2, 2)
             h = nn.elu(conv(c, 5, 25 * c_in, stride=stride, padding=pad)(h))
             c_in = c

@@ -37,12 +37,12 @@ class VAE:
         return self.cfg.variant in ("doubling", "nondoubling")
 
     def _encoder(self) -> Encoder:
-        return Encoder(self.cfg.z_dim, self.image_size)
+        return Encoder(self.cfg.z_dim, self.image_size, self.cfg.conv_width)
 
     def _decoder(self):
         c = self.cfg
         if c.variant == "baseline":
-            return BaselineDecoder(c.z_dim, c.baseline_output)
+            return BaselineDecoder(c.z_dim, c.baseline_output, c.conv_width)
         if c.variant == "doubling":
             return nca.ResidualUpdate(c.z_dim, c.nca_hidden, c.n_residual_blocks,
                                       c.conv_algorithm)
