@@ -595,7 +595,9 @@ def latent_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    return df.fillna(MISSING)
+    # The probe's columns first, whichever run comes first in the table.
+    cols = ["variant"] + sorted(df.columns[1:], key=lambda c: not c.startswith("probe"))
+    return df[cols].fillna(MISSING)
 
 
 def config_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
