@@ -87,6 +87,44 @@ def test_metrics_file_and_bound_numbers(nondoubling_run):
     np.testing.assert_allclose(a["iw_nats"], again["iw"], rtol=1e-5)
 
 
+def test_classifier_numbers_untrained_bound_and_sample_labels(nondoubling_run):
+    """The dataset has no classifier file, so evaluate fits one on its train split; the numbers
+    are recomputed here from an independent fit, the documented shuffle and the training
+    run's init key."""
+    import jax
+
+    from vnca import rng
+    from vnca.evaluation import classifier
+
+    r = nondoubling_run
+    m, a, x, y = r["metrics"], r["arrays"], r["x"], r["y"]
+    w = classifier.fit(x, y, seed=0, x_test_NxHxW=x, y_test_N=y)
+    assert m["classifier"]["test_accuracy"] == pytest.approx(w.test_accuracy)
+    assert m["classifier"]["n_train"] == N_TEST
+    order = np.asarray(jax.random.permutation(eval_keys(0)["shuffle"], N_TEST))
+    rec = m["reconstruction"]
+    assert rec["n_images"] == 32                      # smoke.yaml's eval.classify_images
+    first = order[:32]
+    assert rec["classifier_accuracy_originals"] == pytest.approx(
+        classifier.label_accuracy(classifier.predict_proba(w, x[first]), y[first]))
+    assert 0.0 <= rec["accuracy"] <= 1.0
+    s = m["prior_samples"]
+    assert s["n_images"] == 32 and sum(s["label_histogram"]) == 32
+    assert 0.1 <= s["mean_top_probability"] <= 1.0
+    # The untrained bound: the training run's initial parameters on the bound's images.
+    u = m["untrained"]
+    assert (u["n_images"], u["k"]) == (6, 3)          # min(eval.untrained_images, 6 images)
+    cfg, _, _ = _load(r["model_dir"])
+    model = build_model(cfg)
+    initial = jax.device_get(jax.jit(model.init)(rng.named_keys(cfg.train.seed)["init"]))
+    idx = np.sort(order[:6])
+    again = bound.iw_bound(model, initial, pad_images(x[idx], cfg.data.pad_to), idx,
+                           eval_keys(0)["iwelbo"], 3, 4, progress=False,
+                           chunk=bound.sample_chunk(3))
+    assert u["mean_nats"] == pytest.approx(float(np.mean(again["iw"])), rel=1e-5)
+    assert u["trained_same_images_nats"] == pytest.approx(float(a["iw_nats"].mean()), rel=1e-5)
+
+
 def _load(model_dir):
     from vnca.models.model_io import load_model
 

@@ -70,8 +70,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model_dir=args.model, data_dir=args.data, out_dir=args.out, overrides=args.overrides
     )
     iw = metrics.get("iwelbo", {})
-    print(f"IW bound (K={iw.get('k')}): {iw.get('mean_nats', float('nan')):.2f} nats; "
-          f"results in {args.out}")
+    rec = metrics.get("reconstruction")
+    recognised = (f"; {rec['accuracy']:.1%} of test reconstructions recognised"
+                  if rec and rec.get("accuracy") is not None else "")
+    print(f"IW bound (K={iw.get('k')}): {iw.get('mean_nats', float('nan')):.2f} nats"
+          f"{recognised}; results in {args.out}")
     return 0
 
 
@@ -167,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile the Kubeflow pipeline to YAML",
                        formatter_class=DefaultsFormatter)
     p.add_argument("--output", default="pipeline.yaml", help="output file")
-    p.add_argument("--target", choices=["local", "vertex-tpu", "vertex-gpu"], default="vertex-tpu")
+    p.add_argument("--target", choices=["local", "vertex-tpu", "vertex-gpu"], default="vertex-tpu",
+                   help="where the pipeline runs: train and evaluate as TPU or GPU custom jobs, "
+                   "or plain local steps")
     p.add_argument("--image", help="container image for every step (default: the target's "
                    "image in components/images.py; images/build.sh passes the tag it pushed)")
     p.add_argument("--config", action="append", default=[], metavar="YAML",
@@ -203,13 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="compile and submit the pipeline to Vertex AI",
                        formatter_class=DefaultsFormatter)
     p.add_argument("--project", help="Google Cloud project id")
-    p.add_argument("--region", default="us-central1")
+    p.add_argument("--region", default="us-central1", help="Vertex AI region")
     p.add_argument("--pipeline-root", required=True, help="gs://BUCKET/PATH for artifacts")
-    p.add_argument("--service-account")
-    p.add_argument("--target", choices=["vertex-tpu", "vertex-gpu"], default="vertex-tpu")
+    p.add_argument("--service-account",
+                   help="service account the pipeline and its custom jobs run as")
+    p.add_argument("--target", choices=["vertex-tpu", "vertex-gpu"], default="vertex-tpu",
+                   help="train and evaluate on the TPU slice or the GPU machine of each config")
     p.add_argument("--image", help="container image for every step (default: the target's "
                    "image in components/images.py)")
-    p.add_argument("--config", action="append", default=[], metavar="YAML")
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="variant configs (default: the three paper configs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value in every variant (the job's config_* parameters)")
     p.add_argument("--smoke", action="store_true",

@@ -203,7 +203,9 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
     if n_u:
         t0 = time.perf_counter()
         u_index = np.sort(order[:n_u])  # a subset of iw_index, which holds order[:n_bound]
-        initial = model.init(rng.named_keys(cfg.train.seed)["init"])
+        # The training run's initial parameters (its init key), as host arrays like the
+        # trained ones, so the bound's compiled program is reused.
+        initial = jax.device_get(jax.jit(model.init)(rng.named_keys(cfg.train.seed)["init"]))
         res_u = bound.iw_bound(model, initial, x_N[u_index], u_index, keys["iwelbo"],
                                e.iw_samples, e.batch_size, progress, chunk=chunk)
         trained_same = res["iw"][np.searchsorted(iw_index, u_index)]
@@ -360,7 +362,8 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
         t0 = time.perf_counter()
         means = latent.encoder_means(model, params, x_N[pairs.reshape(-1)], progress=False)
         logits = latent.interpolations(model, params, means.reshape(len(pairs), 2, -1),
-                                       e.interpolation_points, keys["interpolation"])
+                                       e.interpolation_points, keys["interpolation"],
+                                       DECODE_BATCH)
         rows = np.concatenate([x_N[pairs[:, 0], None, ..., 0],
                                figures.sigmoid(logits),
                                x_N[pairs[:, 1], None, ..., 0]], axis=1)

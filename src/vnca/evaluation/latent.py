@@ -105,13 +105,17 @@ def decode_batches(model: VAE, params: dict, z_NxZ: np.ndarray, key: jax.Array,
 
 
 def interpolations(model: VAE, params: dict, means_Px2xZ: np.ndarray, points: int,
-                   key: jax.Array) -> np.ndarray:
+                   key: jax.Array, batch_size: int | None = None) -> np.ndarray:
     """Logits `n_pairs x P x H x W`; each row is decoded with one key, so only z changes
-    along it (the non-doubling NCA's step count and masks are the same at every point)."""
+    along it (the non-doubling NCA's step count and masks are the same at every point). With
+    `batch_size` > P, a row is padded to that many latents, to reuse the program compiled for
+    `decode_batches`."""
     rows = []
     for i, (a, b) in enumerate(means_Px2xZ):
         z_PxZ = interpolation_latents(a, b, points)
-        rows.append(decode(model, params, z_PxZ, jax.random.fold_in(key, i)))
+        pad = max(0, (batch_size or 0) - points)
+        z_BxZ = np.concatenate([z_PxZ, np.repeat(z_PxZ[-1:], pad, 0)]) if pad else z_PxZ
+        rows.append(decode(model, params, z_BxZ, jax.random.fold_in(key, i))[:points])
     return np.stack(rows) if rows else np.zeros((0, points, model.image_size, model.image_size))
 
 
