@@ -17,17 +17,32 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORK/.jax-cache}
 if [ ! -f "$WORK/data/dataset.npz" ]; then
   vnca prepare-data --source raw --raw-dir "$RAW" --out "$WORK/data"
 fi
-for v in "${VARIANTS[@]}"; do
+# Each variant trains and is then evaluated; the three run side by side (on 2 cores that is
+# about 1.6x the throughput of one after the other). Logs: WORK/logs/<variant>.log.
+mkdir -p "$WORK/logs"
+variant() {
+  local v=$1
   vnca train --config "configs/$v.yaml" --config "configs/cpu/$v.yaml" \
     --data "$WORK/data" --out "$WORK/train/$v"
-done
-for v in "${VARIANTS[@]}"; do
   # Evaluate again only if the model is newer than its evaluation.
   if [ ! -f "$WORK/eval/$v/metrics.json" ] || \
      [ "$WORK/train/$v/params.msgpack" -nt "$WORK/eval/$v/metrics.json" ]; then
     vnca evaluate --model "$WORK/train/$v" --data "$WORK/data" --out "$WORK/eval/$v"
   fi
+}
+pids=()
+for v in "${VARIANTS[@]}"; do
+  variant "$v" > "$WORK/logs/$v.log" 2>&1 &
+  pids+=($!)
 done
+status=0
+for i in "${!pids[@]}"; do
+  if ! wait "${pids[$i]}"; then
+    echo "${VARIANTS[$i]} failed; see $WORK/logs/${VARIANTS[$i]}.log" >&2
+    status=1
+  fi
+done
+[ "$status" -eq 0 ] || exit 1
 vnca report --evals "${VARIANTS[@]/#/$WORK/eval/}" --train "${VARIANTS[@]/#/$WORK/train/}" \
   --data "$WORK/data" --out docs/results
 {
