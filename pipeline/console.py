@@ -116,7 +116,8 @@ class StepConsole:
             self.terminal.flush()
             self._bar_shown = True
         else:
-            quarter = pct // 25
-            if quarter > self._last_quarter.get(desc, -1):
+            # In a log: long bars every 25 %, short ones (under 20 units) once, when done.
+            quarter = pct // 25 if total >= 20 else 4 * (n >= total)
+            if quarter > self._last_quarter.get(desc, -1 if total >= 20 else 0):
                 self._last_quarter[desc] = quarter
                 self._say(text)

@@ -76,3 +76,11 @@ def test_a_failed_step_shows_its_last_lines_and_verbose_shows_everything():
 def test_format_seconds():
     assert (format_seconds(7.4), format_seconds(59.6), format_seconds(125)) == \
         ("7s", "1m 00s", "2m 05s")
+
+
+def test_a_short_bar_in_a_log_is_one_line_when_done():
+    term = io.StringIO()
+    c = StepConsole(term, io.StringIO())
+    for n in range(5):
+        _feed(c, f"encode: {25 * n:3d}%|##  | {n}/4 [00:0{n}<00:01]\r")
+    assert [line.strip() for line in term.getvalue().splitlines()] == ["encode: 100% 4/4 [00:04<00:01]"]
