@@ -80,7 +80,7 @@ def eval_config(cfg: config.Config, overrides: list[str] = ()) -> config.Config:
     return cfg
 
 
-def _digit_classifier(data_dir) -> "classifier.ClassifierWeights":
+def _digit_classifier(data_dir) -> classifier.ClassifierWeights:
     """The dataset's digit classifier (`vnca prepare-data` fits it); fit here for a dataset
     written before it had one."""
     from vnca.data import load_split

@@ -27,8 +27,8 @@ import numpy as np
 from vnca import artifacts
 from vnca.data import matching
 from vnca.data.raw import IMAGE_SIDE, RawData
-from vnca.evaluation import classifier
 from vnca.errors import UserError
+from vnca.evaluation import classifier
 
 SOURCES = ("raw", "tfds", "bundled")
 GROUPS = {  # matched jointly: (binarized splits, MNIST reference split)
