@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
                    help="run each step as a subprocess of this Python or in the image")
     p.add_argument("--tier", choices=["demo", "cpu", "smoke", "paper"], default="demo",
-                   help="run size: demo (minutes, visibly learns), cpu (full data, about two "
-                   "hours), smoke (seconds, for tests), paper (the paper's configs)")
+                   help="run size: demo (minutes, visibly learns), cpu (full data, about an "
+                   "hour), smoke (seconds, for tests), paper (the paper's configs)")
     p.add_argument("--smoke", action="store_true", help="the same as --tier smoke")
     p.add_argument("--full", action="store_true", help="the same as --tier paper")
     p.add_argument("--verbose", action="store_true",

@@ -150,8 +150,8 @@ class HardwareConfig:
 class Config:
     name: str = "doubling"
     # Which size of run this is; the config files of each tier say what it is for:
-    # "paper" (configs/<variant>.yaml alone), "cpu" (configs/cpu/: the full data in about two
-    # hours on 2 CPU cores), "demo" (configs/demo/: the bundled sample in minutes) and "smoke"
+    # "paper" (configs/<variant>.yaml alone), "cpu" (configs/cpu/: the full data in about an
+    # hour on 2 CPU cores), "demo" (configs/demo/: the bundled sample in minutes) and "smoke"
     # (configs/smoke.yaml: seconds, for tests). Reports label every number with its tier.
     tier: Literal["paper", "cpu", "demo", "smoke"] = "paper"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
