@@ -219,7 +219,7 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
     # -- prior samples and reconstructions, judged by an independent digit classifier --------
     t0 = time.perf_counter()
     digits = _digit_classifier(data_dir)
-    metrics["classifier"] = {"kind": f"MLP, {classifier.HIDDEN_UNITS} ReLU units (scikit-learn)",
+    metrics["classifier"] = {"kind": classifier.KIND,
                              "n_train": digits.n_train, "test_accuracy": digits.test_accuracy}
     k_z, k_dec, k_bin = jax.random.split(keys["samples"], 3)
     n_prior = max(e.n_samples, e.classify_images, GROWTH_EXAMPLES)

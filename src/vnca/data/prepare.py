@@ -184,7 +184,7 @@ def prepare_data(source: str = "bundled", out_dir: str | os.PathLike = "data",
         },
         "groups": sections["groups"],
         "splits": sections["splits"],
-        "classifier": {"kind": f"MLP, {classifier.HIDDEN_UNITS} ReLU units (scikit-learn)",
+        "classifier": {"kind": classifier.KIND,
                        "n_train": digit_classifier.n_train,
                        "test_accuracy": digit_classifier.test_accuracy},
         "timing_s": {"read": round(t_read, 3), **{f"match {g}": t for g, t in

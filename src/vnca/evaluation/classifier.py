@@ -29,6 +29,7 @@ L2_WEIGHT = 1e-3
 MAX_EPOCHS = 60
 N_LABELS = 10
 IMAGE_SIDE = 28
+KIND = f"MLP, {HIDDEN_UNITS} ReLU units (scikit-learn)"  # as reports name it
 
 
 @dataclasses.dataclass(frozen=True)
