@@ -90,3 +90,111 @@ def test_cli_reports_a_config_mistake_in_one_line(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.batch_sise" in lines[0] and "bad.yaml" in lines[0]
+
+
+# --- every value checked at load, before anything is compiled (issue 13) ---------------------
+
+@pytest.mark.parametrize("override, key", [
+    ("train.checkpoint_every=0", "train.checkpoint_every"),
+    ("train.log_every=0", "train.log_every"),
+    ("train.val_images=-8", "train.val_images"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+    ("train.learning_rate=.nan", "train.learning_rate"),
+    ("train.learning_rate=.inf", "train.learning_rate"),
+    ("train.learning_rate=nan", "train.learning_rate"),
+    ("train.learning_rate=-1e-4", "train.learning_rate"),
+    ("train.beta=-0.5", "train.beta"),
+    ("train.clip_norm=0", "train.clip_norm"),
+    ("model.steps_per_stage=0", "model.steps_per_stage"),
+    ("model.n_residual_blocks=-1", "model.n_residual_blocks"),
+    ("model.eval_steps=-3", "model.eval_steps"),
+    ("model.eval_steps=0", "model.eval_steps"),
+    ("train.seed=-1", "train.seed"),
+    ("train.steps=99999999999", "train.steps"),
+    ("train.val_iw_samples=0", "train.val_iw_samples"),
+    ("train.pool.batch_share=1.5", "train.pool.batch_share"),
+    ("eval.iw_samples=0", "eval.iw_samples"),
+    ("eval.n_images=0", "eval.n_images"),
+    ("eval.damage_at=0", "eval.damage_at"),
+    ("eval.tsne_images=2", "eval.tsne_images"),
+    ("eval.interpolation_points=1", "eval.interpolation_points"),
+    ("hardware.gpu_count=0", "hardware.gpu_count"),
+    ("name=' '", "name"),
+])
+def test_out_of_range_values_fail_at_load_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        config.load("configs/doubling.yaml", [override])
+    msg = str(e.value)
+    assert key in msg and "\n" not in msg and len(msg) < 200
+
+
+def test_every_int_field_has_a_least_value():
+    ints = [k for k, v in config._leaves(config.Config())
+            if isinstance(v, int) and not isinstance(v, bool)
+            or (v is None and k in ("model.eval_steps", "eval.n_images"))]
+    assert sorted(set(ints) - set(config.AT_LEAST)) == []
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    for tier_file in sorted(Path("configs").rglob("*.yaml")):
+        base = f"configs/{tier_file.stem}.yaml"
+        paths = [tier_file] if tier_file.parent.name == "configs" else [base, tier_file]
+        if tier_file.name == "smoke.yaml":
+            paths = ["configs/doubling.yaml", tier_file]
+        assert config.load(paths).train.steps >= 1, tier_file
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("train:\n  steps: 5\nmodel:\n  z_dim: 8\ntrain:\n  batch_size: 4\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: line 5 is not valid YAML \(duplicate key 'train'\)"):
+        config.load(p)
+    p.write_text("train:\n  steps: 5\n  steps: 6\n")
+    with pytest.raises(ConfigError, match="duplicate key 'steps'"):
+        config.load(p)
+
+
+def test_empty_file_is_refused(tmp_path):
+    for text in ("", "\n# only a comment\n", "---\n"):
+        p = tmp_path / "empty.yaml"
+        p.write_text(text)
+        with pytest.raises(ConfigError, match="empty.yaml: the file is empty"):
+            config.load(["configs/doubling.yaml", p])
+
+
+def test_non_utf8_file_is_one_line(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 9\)"):
+        config.load(p)
+
+
+def test_alias_bomb_is_refused_in_a_short_line(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, "
+              f"*a{i-1}, *a{i-1}, *a{i-1}]" for i in range(1, 9)]
+    p = tmp_path / "bomb.yaml"
+    p.write_text("train:\n  steps: *a8\n" + "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    assert "aliases" in str(e.value) and len(str(e.value)) < 200
+    with pytest.raises(ConfigError) as e:
+        config.load("configs/doubling.yaml", ["train.steps=[" + ",".join(["1"] * 10_000) + "]"])
+    assert len(str(e.value)) < 300 and "(cut)" in str(e.value)
+
+
+def test_huge_or_deeply_nested_file_is_refused(tmp_path):
+    p = tmp_path / "big.yaml"
+    p.write_text("name: x\n" + "#" * (config.MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigError, match="too large for a config file"):
+        config.load(p)
+    p.write_text("train: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(ConfigError, match="big.yaml"):
+        config.load(p)
+
+
+def test_a_directory_as_config_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, not a config file"):
+        config.load(tmp_path)

@@ -13,6 +13,7 @@ disagree, the choice is a field here; the comment on each field says which value
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -218,7 +219,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
     else:  # pragma: no cover - a field type this loader does not know is a bug here
         raise TypeError(f"unsupported config field type {tp!r} for {key}")
-    raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {_short(value)}")
 
 
 def _build(cls: type, data: dict, prefix: str, sources: dict[str, str]) -> Any:
@@ -227,13 +228,14 @@ def _build(cls: type, data: dict, prefix: str, sources: dict[str, str]) -> Any:
     for key, value in data.items():
         full = f"{prefix}{key}"
         source = sources.get(full, sources.get("", "config"))
-        if key not in hints:
+        if not isinstance(key, str) or key not in hints:
+            full = f"{prefix}{_short(key)}" if not isinstance(key, str) else full
             known = ", ".join(sorted(hints))
             raise ConfigError(f"{source}: unknown key '{full}' (known keys here: {known})")
         tp = hints[key]
         if _is_dataclass_type(tp):
             if not isinstance(value, dict):
-                raise ConfigError(f"{source}: {full} must be a mapping of keys, got {value!r}")
+                raise ConfigError(f"{source}: {full} must be a mapping of keys, got {_short(value)}")
             kwargs[key] = _build(tp, value, f"{full}.", sources)
         else:
             kwargs[key] = _coerce(value, tp, full, source)
@@ -262,30 +264,86 @@ def _flat_keys(d: dict, prefix: str) -> list[str]:
     return out
 
 
-def _read_yaml(text: str, source: str) -> dict:
+# A config file is a few hundred bytes; anything near this is not one.
+MAX_CONFIG_BYTES = 1 << 20
+# Longest repr of a bad value quoted in an error line.
+_VALUE_REPR_CHARS = 80
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses what a config file never needs: aliases (`*name`, which can
+    expand to gigabytes) and duplicate keys in one mapping (YAML keeps the last silently)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "aliases (*name) are not allowed in config files", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark)
+            if isinstance(key, str):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= _VALUE_REPR_CHARS else text[:_VALUE_REPR_CHARS] + "...(cut)"
+
+
+def _short(value: Any) -> str:
+    return _cut(repr(value))
+
+
+def _read_yaml(text: str, source: str, allow_empty: bool = False) -> dict:
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text):,} characters is too large for a config file")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        where = f" line {line + 1}" if line is not None else ""
-        raise ConfigError(f"{source}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}:{where} is not valid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config file") from None
     if data is None:
-        return {}
+        if allow_empty:
+            return {}
+        raise ConfigError(f"{source}: the file is empty (a config file needs at least one key)")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
     return data
 
 
+def _read_file(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes is too large for a config file")
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"--set {item}: expected key=value, for example train.steps=100")
+        raise ConfigError(f"--set {_cut(item)}: expected key=value, for example train.steps=100")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"--set {item}: empty key")
+        raise ConfigError(f"--set {_cut(item)}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""  # noqa: S506
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.split("."), value
 
@@ -299,8 +357,9 @@ def load(paths: str | Path | list[str | Path] = (), overrides: list[str] = ()) -
     for path in paths:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        _merge(merged, _read_yaml(path.read_text(), str(path)), str(path), sources)
+            what = "is a directory, not a config file" if path.is_dir() else "config file not found"
+            raise ConfigError(f"{path}: {what}")
+        _merge(merged, _read_yaml(_read_file(path), str(path)), str(path), sources)
     for item in overrides:
         _set_override(merged, item, sources)
     return validate(from_dict(merged, sources))
@@ -312,9 +371,9 @@ def _set_override(merged: dict, item: str, sources: dict[str, str]) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {item}: {part} is not a section")
+            raise ConfigError(f"--set {_cut(item)}: {part} is not a section")
     node[parts[-1]] = value
-    sources[".".join(parts)] = f"--set {item}"
+    sources[".".join(parts)] = f"--set {_cut(item)}"
 
 
 def apply_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
@@ -349,9 +408,70 @@ def save(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(dump(cfg))
 
 
+# Least value of every int field (None: the field may also be null; a field not listed is
+# checked by `validate` itself). A test checks that every int field of the tree is covered.
+AT_LEAST: dict[str, int] = {
+    "data.pad_to": 28,
+    "model.z_dim": 1, "model.conv_width": 1, "model.nca_hidden": 1, "model.n_doublings": 0,
+    "model.steps_per_stage": 1, "model.n_residual_blocks": 0, "model.min_steps": 1,
+    "model.max_steps": 1, "model.eval_steps": 1, "model.damage_size": 0,
+    "train.steps": 1, "train.batch_size": 1, "train.seed": 0, "train.checkpoint_every": 1,
+    "train.keep_checkpoints": 1, "train.log_every": 1, "train.val_every": 0,
+    "train.val_images": 0, "train.val_iw_samples": 1, "train.pool.size": 1,
+    "eval.iw_samples": 1, "eval.n_images": 1, "eval.batch_size": 1, "eval.seed": 0,
+    "eval.n_samples": 0, "eval.n_reconstructions": 0, "eval.classify_images": 0,
+    "eval.untrained_images": 0, "eval.tsne_images": 0, "eval.probe_images": 0,
+    "eval.probe_steps": 1, "eval.damage_images": 0, "eval.damage_at": 1,
+    "eval.recovery_steps": 1, "eval.n_interpolations": 0, "eval.interpolation_points": 2,
+    "hardware.gpu_count": 1,
+}
+# Ints feed int32 counters and PRNG seeds on the device.
+INT_MAX = 2**31 - 1
+# Float fields and their open (>) or closed (>=) lower bound; every float must be finite.
+FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {  # key: (low, high, low is inclusive)
+    "model.update_prob": (0.0, 1.0, False),
+    "train.learning_rate": (0.0, math.inf, False),
+    "train.beta": (0.0, math.inf, True),
+    "train.clip_norm": (0.0, math.inf, False),
+    "train.pool.batch_share": (0.0, 1.0, True),
+    "train.pool.damage_share": (0.0, 1.0, True),
+}
+
+
+def _leaves(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(_leaves(value, f"{prefix}{f.name}."))
+        else:
+            out.append((f"{prefix}{f.name}", value))
+    return out
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, value in _leaves(cfg):
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int):
+            least = AT_LEAST.get(key, 0)
+            if not least <= value <= INT_MAX:
+                raise ConfigError(f"{key} must be an integer in [{least}, {INT_MAX}], got {value}")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
+            low, high, inclusive = FLOAT_RANGES.get(key, (-math.inf, math.inf, True))
+            if not ((low <= value if inclusive else low < value) and value <= high):
+                bracket = "[" if inclusive else "("
+                raise ConfigError(f"{key} must be in {bracket}{low:g}, {high:g}], got {value}")
+        elif isinstance(value, str) and not value.strip() and key == "name":
+            raise ConfigError("name must not be empty")
+
+
 def validate(cfg: Config) -> Config:
-    """Checks that span several fields; raise ConfigError naming the key."""
-    m, t, d = cfg.model, cfg.train, cfg.data
+    """Every value in range (before anything is compiled); raise ConfigError naming the key."""
+    _check_ranges(cfg)
+    m, t, d, e = cfg.model, cfg.train, cfg.data, cfg.eval
     if d.pad_to not in (28, 32):
         raise ConfigError(f"data.pad_to must be 28 or 32, got {d.pad_to}")
     if m.variant in ("doubling", "baseline") and d.pad_to != 32:
@@ -361,32 +481,23 @@ def validate(cfg: Config) -> Config:
             f"model.n_doublings={m.n_doublings} grows a {2**m.n_doublings}x{2**m.n_doublings} "
             f"grid, but data.pad_to is {d.pad_to}"
         )
-    for key, value in [
-        ("model.z_dim", m.z_dim), ("model.nca_hidden", m.nca_hidden),
-        ("model.conv_width", m.conv_width),
-        ("train.steps", t.steps), ("train.batch_size", t.batch_size),
-        ("eval.iw_samples", cfg.eval.iw_samples), ("eval.batch_size", cfg.eval.batch_size),
-    ]:
-        if value < 1:
-            raise ConfigError(f"{key} must be at least 1, got {value}")
-    if not 0.0 < m.update_prob <= 1.0:
-        raise ConfigError(f"model.update_prob must be in (0, 1], got {m.update_prob}")
-    if not 1 <= m.min_steps <= m.max_steps:
+    if m.min_steps > m.max_steps:
         raise ConfigError(
-            f"model.min_steps ({m.min_steps}) must be >= 1 and <= model.max_steps ({m.max_steps})"
+            f"model.min_steps ({m.min_steps}) must be <= model.max_steps ({m.max_steps})"
         )
     if not m.steps_inclusive and m.min_steps == m.max_steps:
         raise ConfigError("model.min_steps == model.max_steps needs model.steps_inclusive: true")
-    if not 0 <= m.damage_size <= d.pad_to:
+    if m.damage_size > d.pad_to:
         raise ConfigError(f"model.damage_size must be in [0, {d.pad_to}], got {m.damage_size}")
-    if t.learning_rate <= 0 or t.clip_norm <= 0:
-        raise ConfigError("train.learning_rate and train.clip_norm must be positive")
+    if 0 < e.tsne_images < 4:
+        raise ConfigError(f"eval.tsne_images must be 0 (skip) or at least 4, got {e.tsne_images}")
+    if 0 < e.probe_images < 2:
+        raise ConfigError(f"eval.probe_images must be 0 (skip) or at least 2, got "
+                          f"{e.probe_images}")
     p = t.pool
     if p.enabled:
         if m.variant != "nondoubling":
             raise ConfigError("train.pool.enabled is only supported for the nondoubling model")
-        if not (0.0 <= p.batch_share <= 1.0 and 0.0 <= p.damage_share <= 1.0):
-            raise ConfigError("train.pool.batch_share and damage_share must be in [0, 1]")
         if p.size < t.batch_size:
             raise ConfigError(f"train.pool.size ({p.size}) must be >= train.batch_size")
     return cfg
