@@ -5,6 +5,9 @@ Faults are injected into the client's HTTP session: a 503 the retry policy must 
 crash in the middle of a directory upload that must never look like a complete upload.
 """
 
+import base64
+import hashlib
+import json
 import socket
 
 import pytest
@@ -202,3 +205,74 @@ def test_object_changed_after_upload_is_detected(client, artifact_dir, tmp_path)
     with pytest.raises(DataError, match="config.yaml: content differs"):
         storage.copy_gcs_to_dir(url, tmp_path / "back", client=client)
     assert not (tmp_path / "back").exists()
+
+
+def _plant_marker(client, prefix: str, manifest) -> None:
+    client.bucket(BUCKET).blob(f"{prefix}/{storage.MARKER}").upload_from_string(
+        manifest if isinstance(manifest, str) else json.dumps(manifest))
+
+
+def _media_gets(session) -> list:
+    return [u for m, u in session.calls if m == "GET" and "alt=media" in u
+            and storage.MARKER not in u]
+
+
+@pytest.mark.parametrize("name", [
+    "ABSOLUTE", "../outside.txt", "a/../../outside.txt", "a/..", "./a", "a//b", "a/", "",
+    "a/\x00b", "..",
+])
+def test_manifest_name_outside_target_is_refused_before_any_download(
+        client, tmp_path, fast_retry, name):
+    """A marker planted in the bucket must not make a download write outside its target."""
+    outside = tmp_path / "outside.txt"
+    if name == "ABSOLUTE":  # the emulator stores 'p//abs/path'; joined, it is the absolute path
+        name = str(outside)
+    prefix = "runs/evil/model"
+    bucket = client.bucket(BUCKET)
+    bucket.blob(f"{prefix}/config.yaml").upload_from_string("name: x\n")
+    if ".." not in name.split("/") and "\x00" not in name:  # the emulator refuses these
+        bucket.blob(f"{prefix}/{name}").upload_from_string("pwned")
+    _plant_marker(client, prefix, {"files": {
+        "config.yaml": {"size": 8, "md5": "x"},
+        name: {"size": 5, "md5": base64.b64encode(hashlib.md5(b"pwned").digest()).decode()}}})
+    session = _FaultySession(client, lambda *a: None)
+    dest = tmp_path / "dl" / "model"
+    with pytest.raises(DataError) as e:
+        storage.copy_gcs_to_dir(f"gs://{BUCKET}/{prefix}", dest, client=client, retry=fast_retry)
+    msg = str(e.value)
+    assert "\n" not in msg and repr(name) in msg and "unsafe" in msg
+    assert _media_gets(session) == []  # refused before downloading anything
+    assert not outside.exists() and not dest.exists()
+    assert list(tmp_path.iterdir()) == []  # nothing created, no partial folder either
+
+
+@pytest.mark.parametrize("marker", [
+    "[1, 2]", '"files"', "{}", '{"files": ["a"]}', '{"files": {"a": 3}}',
+    '{"files": {"a": {"size": "8", "md5": "x"}}}', '{"files": {"a": {"size": 8}}}',
+    '{"files": {"a": {"size": -1, "md5": "x"}}}', '{"files": {"a": {"size": true, "md5": "x"}}}',
+    '{"files": {"a": {"size": 1, "md5": "x"}, "a/b": {"size": 1, "md5": "x"}}}',
+    "{not json", "\udcff",
+])
+def test_malformed_marker_is_one_line(client, tmp_path, marker):
+    prefix = "runs/bad-marker/model"
+    if marker == "\udcff":  # not UTF-8
+        client.bucket(BUCKET).blob(f"{prefix}/{storage.MARKER}").upload_from_string(b"\xff{")
+    else:
+        _plant_marker(client, prefix, marker)
+    with pytest.raises(DataError) as e:
+        storage.copy_gcs_to_dir(f"gs://{BUCKET}/{prefix}", tmp_path / "dl", client=client)
+    assert "\n" not in str(e.value) and storage.MARKER in str(e.value)
+    assert not (tmp_path / "dl").exists()
+
+
+def test_check_name_and_resolution_via_symlink(tmp_path):
+    assert storage.check_name("ckpt/10/state.bin", "m") == "ckpt/10/state.bin"
+    for bad in ("/etc/passwd", "a/../b", "", None, 3):
+        with pytest.raises(DataError):
+            storage.check_name(bad, "m")
+    # A name that is lexically fine but resolves outside through a symlink is refused too.
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "link").symlink_to(tmp_path)
+    with pytest.raises(DataError, match="outside"):
+        storage._inside(tmp_path / "root", "link/x.txt")
+    assert storage._inside(tmp_path / "root", "a/b") == tmp_path / "root" / "a" / "b"

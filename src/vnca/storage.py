@@ -160,20 +160,67 @@ def copy_dir_to_gcs(
     return len(names)
 
 
-def _read_manifest(bucket, prefix: str, url: str, retry) -> dict:
+def _read_manifest(bucket, prefix: str, url: str, retry) -> dict[str, dict]:
     from google.api_core.exceptions import NotFound
 
     try:
-        text = bucket.blob(prefix + MARKER).download_as_text(retry=retry)
+        data = bucket.blob(prefix + MARKER).download_as_bytes(retry=retry)
     except NotFound:
         raise DataError(
             f"{url}: no completion marker ({MARKER}); the upload there was interrupted or "
             "never finished - run it again"
         ) from None
+    where = f"{url}/{MARKER}"
     try:
-        return json.loads(text)["files"]
-    except (ValueError, KeyError, TypeError):
-        raise DataError(f"{url}/{MARKER}: not a valid completion marker") from None
+        doc = json.loads(data.decode("utf-8"))
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        raise DataError(f"{where}: not a valid completion marker (not UTF-8 JSON)") from None
+    return check_manifest(doc, where)
+
+
+def check_name(name: object, where: str) -> str:
+    """`name` if it is a safe relative POSIX path (no '', '.', '..' part, not absolute, no NUL
+    or control character); otherwise `DataError` naming it. Such a name stays inside any
+    directory it is joined to."""
+    if (not isinstance(name, str) or not name
+            or any(ord(c) < 0x20 or c == "\x7f" for c in name)
+            or any(part in ("", ".", "..") for part in name.split("/"))):
+        raise DataError(f"{where}: unsafe file name {name!r} (empty, absolute, a '..', '.' or "
+                        "empty part, or a control character): refusing to download")
+    return name
+
+
+def check_manifest(doc: object, where: str) -> dict[str, dict]:
+    """The `files` of a completion marker, {name: {"size": int, "md5": str}}, with every name
+    checked by `check_name` and no name a folder of another; else one-line `DataError`."""
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, dict):
+        raise DataError(f"{where}: not a valid completion marker (expected an object with "
+                        "'files': {name: {size, md5}})")
+    for name, info in files.items():
+        check_name(name, where)
+        size = info.get("size") if isinstance(info, dict) else None
+        md5 = info.get("md5") if isinstance(info, dict) else None
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 \
+                or not isinstance(md5, str):
+            raise DataError(f"{where}: entry {name!r} is not {{size: non-negative int, "
+                            "md5: str}")
+    for name in files:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in files:
+                raise DataError(f"{where}: {'/'.join(parts[:i])!r} is listed both as a file "
+                                f"and as the folder of {name!r}")
+    return files
+
+
+def _inside(root: Path, name: str) -> Path:
+    """root / name, refused unless it resolves (symlinks followed) to a path inside root."""
+    dst = root / name
+    if not dst.resolve().is_relative_to(root.resolve()):
+        raise DataError(f"{name!r}: resolves to {dst.resolve()}, outside {root}: refusing to "
+                        "download")
+    return dst
 
 
 def copy_gcs_to_dir(
@@ -185,8 +232,10 @@ def copy_gcs_to_dir(
 ) -> int:
     """Download a complete upload at `url` into `local_dir` (new or empty); return file count.
 
-    Every file is checked against the marker's manifest (size and MD5) before the directory
-    appears under its final name.
+    The manifest is checked before anything is downloaded: a name that is absolute, has a '..'
+    part or would land outside `local_dir` is refused with `DataError` (whoever can write the
+    bucket must not be able to write elsewhere on this machine). Every file is checked against
+    the marker's manifest (size and MD5) before the directory appears under its final name.
     """
     local_dir = Path(local_dir)
     if local_dir.exists() and (not local_dir.is_dir() or any(local_dir.iterdir())):
@@ -200,12 +249,16 @@ def copy_gcs_to_dir(
 
     from google.api_core.exceptions import NotFound
 
-    local_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{local_dir.name}.partial-", dir=local_dir.parent))
     try:
+        local_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{local_dir.name}.partial-", dir=local_dir.parent))
+    except OSError as e:
+        raise UserError(f"{local_dir}: cannot create ({e.strerror or e})") from None
+    try:
+        targets = {name: _inside(tmp, name) for name in manifest}  # every name, before any I/O
         for name, info in tqdm(sorted(manifest.items()), desc=f"download {url}", unit="file",
                                disable=None):
-            dst = tmp / name
+            dst = targets[name]
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
                 bucket.blob(prefix + name).download_to_filename(str(dst), retry=retry)
