@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vnca.errors import UserError
+from vnca.errors import UserError, environment_problem, quiet_closed_event_loops
 
 PROG = "vnca"
 
@@ -232,14 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    sys.unraisablehook = quiet_closed_event_loops(sys.unraisablehook)
     try:
         return args.func(args)
     except UserError as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        problem = environment_problem(e)
+        if problem is None:
+            raise
+        print(f"{PROG} {args.command}: error: {problem}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

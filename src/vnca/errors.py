@@ -16,3 +16,48 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """An input data file or artifact is missing, truncated, corrupt or of the wrong format."""
+
+
+# Faults of the machine rather than of the program: a full disk or quota, a read-only or
+# vanished mount, a permission. The CLI reports them in one line like a UserError.
+_ENVIRONMENT_ERRNOS = {"ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO", "ENOTDIR", "EISDIR",
+                       "ENAMETOOLONG", "EMFILE", "ENFILE"}
+_ENVIRONMENT_TEXTS = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                      "Permission denied")
+
+
+def environment_problem(exc: BaseException) -> str | None:
+    """One line for an OS fault somewhere in `exc`'s chain (libraries such as orbax and
+    tensorstore wrap the OSError or only keep its text), or None if there is none."""
+    import errno
+    import re
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and errno.errorcode.get(exc.errno) in _ENVIRONMENT_ERRNOS:
+            where = f"{exc.filename}: " if exc.filename else ""
+            return f"{where}{exc.strerror or exc}"
+        text = str(exc)
+        for needle in _ENVIRONMENT_TEXTS:
+            if needle in text:
+                paths = re.findall(r'"(/[^"]+)"', text)
+                return f"{paths[-1]}: {needle}" if paths else needle
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def quiet_closed_event_loops(hook=None):
+    """A `sys.unraisablehook` that drops the "Event loop is closed" RuntimeErrors which
+    tensorstore's callbacks raise after orbax gave up on a failed write (one per pending
+    write, hundreds on a full disk) and passes everything else to `hook`."""
+    import sys
+
+    hook = hook or sys.__unraisablehook__
+
+    def unraisable(u) -> None:
+        if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
+            return
+        hook(u)
+
+    return unraisable

@@ -34,9 +34,13 @@ import functools
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +48,7 @@ import numpy as np
 import optax
 
 from vnca import artifacts, config, distributed, losses, pool, rng
+from vnca.checkpoint import Checkpointer, RunLock
 from vnca.config import Config
 from vnca.errors import ConfigError, UserError
 from vnca.models import build_model, count_params
@@ -137,7 +142,12 @@ def make_train_step(model: VAE, cfg: Config) -> Callable:
             n_pool, _ = pool.pool_rows(cfg)
             new["pool"] = pool.write_back(state["pool"], n_pool, aux["images"], aux["states"],
                                           k_pool)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux["metrics"]}
+        # Whether the state this step hands on (and a checkpoint would hold) is finite: the
+        # loss and gradient are measured before the update and miss an update that overflows.
+        finite = jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(
+            (new["params"], new["opt_state"])) if jnp.issubdtype(leaf.dtype, jnp.floating)])
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                   "state_finite": jnp.all(finite).astype(jnp.float32), **aux["metrics"]}
         return new, metrics
 
     return train_step
@@ -221,10 +231,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check_resumable(path: Path, cfg: Config) -> None:
-    """The run in `path` (config.yaml) must match `cfg` except in RESUMABLE_KEYS."""
+def _check_resumable(text: str, source: str, cfg: Config) -> None:
+    """The run whose config is `text` must match `cfg` except in RESUMABLE_KEYS."""
+    path = source
     try:
-        old = config.loads(path.read_text(), str(path))
+        old = config.loads(text, source)
     except ConfigError as e:
         raise ConfigError(f"{path}: cannot read the config of the run in this directory ({e})")
     a, b = _flat(config.to_dict(old)), _flat(config.to_dict(cfg))
@@ -247,32 +258,6 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         except json.JSONDecodeError:  # a line cut by a kill
             continue
     _write_atomic(path, "".join(f"{line}\n" for line in keep))
-
-
-def _checkpoint_manager(ckpt_dir: Path, keep: int):
-    import orbax.checkpoint as ocp
-
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                        cleanup_tmp_directories=True,
-                                        enable_async_checkpointing=False)
-    return ocp.CheckpointManager(ckpt_dir.absolute(), options=opts,
-                                 item_names=("state", "meta"))
-
-
-def _save(mgr, step: int, state: dict, meta: dict) -> None:
-    import orbax.checkpoint as ocp
-
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           meta=ocp.args.JsonSave(meta)), force=True)
-    mgr.wait_until_finished()
-
-
-def _restore(mgr, step: int, abstract_state: dict) -> tuple[dict, dict]:
-    import orbax.checkpoint as ocp
-
-    out = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return out["state"], out["meta"]
 
 
 def _host_tree(tree):
@@ -361,6 +346,73 @@ def check_batch(cfg: Config, n_devices: int) -> None:
                           f"processes ({jax.process_count()})")
 
 
+class Interrupted(UserError):
+    """SIGINT or SIGTERM stopped training; a checkpoint of the last finished step was saved."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """While active, the first SIGINT or SIGTERM only asks the loop to stop after the step it
+    is on (`requested` holds the signal number); a second SIGINT aborts at once."""
+
+    def __init__(self):
+        self.requested: int | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after the current step and saving a "
+              "checkpoint (Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def forecast(step_s: float, start: int, steps: int, checkpoint_every: int, ckpt_dir: Path,
+             hardware: str) -> str:
+    """One line: what the rest of the run will take at `step_s` seconds a step, and when and
+    where its next checkpoint lands."""
+    left = steps - start
+    nxt = min((start // checkpoint_every + 1) * checkpoint_every, steps)
+    return (f"train: {step_s:.3g} s/step on {hardware}: {left:,} steps left, about "
+            f"{format_duration(left * step_s)}; next checkpoint at step {nxt:,} (in about "
+            f"{format_duration((nxt - start) * step_s)}) in {ckpt_dir}")
+
+
+def _saved_config_text(cfg_path: Path, ckpt: Checkpointer, latest: int) -> tuple[str, str]:
+    """(config text, where from) of the run in a directory: config.yaml, else the config the
+    checkpoint's metadata holds."""
+    if cfg_path.is_file():
+        return cfg_path.read_text(), str(cfg_path)
+    try:
+        text = ckpt.read_meta(latest).get("config")
+    except Exception:  # noqa: BLE001 - unreadable metadata: restore_latest sorts it out
+        text = None
+    return (text, f"{ckpt.directory}/{latest}") if text else ("", "")
+
+
 def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                        steps: int | None = None, devices: list | None = None) -> dict:
     """Train one variant into `out_dir` (resuming from its latest checkpoint); returns the
@@ -370,27 +422,47 @@ def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | 
         if steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {steps}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
-    tc = cfg.train
     out = Path(out_dir)
-    main = distributed.is_main_process()
     devices = jax.devices() if devices is None else devices
-    mesh = distributed.make_mesh(devices)
-    n_dev = len(devices)
-    check_batch(cfg, n_dev)
+    check_batch(cfg, len(devices))
     x_train, x_valid = training_images(cfg, data_dir)  # fail on bad data before writing
     if len(x_train) == 0:
         raise UserError(f"{data_dir}: the train split is empty")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out) if distributed.is_main_process() else None
+    if lock is not None:
+        lock.acquire()
+    ckpt = Checkpointer(out / artifacts.CHECKPOINTS, cfg.train.keep_checkpoints)
+    try:
+        with StopSignals() as stop:
+            return _train(cfg, x_train, x_valid, out, devices, ckpt, stop)
+    finally:
+        ckpt.close()
+        if lock is not None:
+            lock.release()
+
+
+# Steps dispatched ahead of the one the host waits for: enough to overlap feeding with
+# computing, few enough that a stop or an error is seen within a step or two.
+STEPS_IN_FLIGHT = 2
+
+
+def _train(cfg: Config, x_train: np.ndarray, x_valid: np.ndarray, out: Path, devices: list,
+           ckpt: Checkpointer, stop: StopSignals) -> dict:
+    tc = cfg.train
+    main = distributed.is_main_process()
+    mesh = distributed.make_mesh(devices)
     cfg_path, params_path = out / artifacts.RESOLVED_CONFIG, out / artifacts.PARAMS
     summary_path, metrics_path = out / artifacts.TRAIN_SUMMARY, out / artifacts.TRAIN_METRICS
-    mgr = _checkpoint_manager(out / artifacts.CHECKPOINTS, tc.keep_checkpoints)
-    latest = mgr.latest_step()
-    if latest is not None and cfg_path.is_file():
-        _check_resumable(cfg_path, cfg)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        text, source = _saved_config_text(cfg_path, ckpt, latest)
+        if text:
+            _check_resumable(text, source, cfg)
     if latest is not None and latest > tc.steps:
-        raise ConfigError(f"{out / artifacts.CHECKPOINTS}: holds step {latest}, past "
+        raise ConfigError(f"{ckpt.directory}: holds step {latest}, past "
                           f"train.steps={tc.steps}; use a new --out or more steps")
     if latest == tc.steps and params_path.is_file() and summary_path.is_file():
         summary = json.loads(summary_path.read_text())
@@ -411,44 +483,61 @@ def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | 
         x = np.asarray(x_uint8_NxHxW[idx_B[local_rows]])
         return distributed.global_batch(pad_images(x, cfg.data.pad_to), rows, len(idx_B))
 
-    if latest is None:
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    restored = ckpt.restore_latest(target) if latest is not None else None
+    if restored is None:
         state = init_fn(keys["init"])
         meta = {"step": 0, "elapsed_s": 0.0, "examples_seen": 0}
-        start = 0
     else:
-        target = jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-        state, meta = _restore(mgr, latest, target)
-        start = int(meta["step"])
+        state, meta = restored
+    start = int(meta["step"])
     if main:
         _truncate_metrics(metrics_path, start)
 
     # Validation: a fixed subset of `valid` (never test), the same noise at every validation.
     val = _validator(model, cfg, x_valid, keys["valid"], mesh, feed)
-    param_count = count_params(abstract["params"])
+    hardware = distributed.hardware_string(devices)
     t_segment = time.time()
     elapsed0 = float(meta.get("elapsed_s", 0.0))
-    pending: list[tuple[int, dict]] = []
+    finished: list[tuple[int, dict]] = []  # steps whose metrics are not yet fetched
+    in_flight: list[tuple[int, dict]] = []
     interval: list[dict] = []
+    step_ends: list[float] = []
     t_interval, last_saved, final_loss = time.time(), start, meta.get("final_loss")
 
-    def flush() -> None:
-        """Fetch pending step metrics, stop on a non-finite value, accumulate the interval."""
+    def wait_for(n_left: int, bar) -> None:
+        """Block until at most `n_left` dispatched steps are unfinished; count the rest."""
+        while len(in_flight) > n_left:
+            s, m = in_flight.pop(0)
+            jax.block_until_ready(m)
+            finished.append((s, m))
+            step_ends.append(time.time())
+            bar.update(1)
+            if main and len(step_ends) == 4 and tc.steps - (s + 1) > 0:
+                step_s = (step_ends[-1] - step_ends[1]) / 2  # step 1 carries the compilation
+                bar.write(forecast(step_s, s + 1, tc.steps, tc.checkpoint_every,
+                                   ckpt.directory, hardware), file=sys.stderr)
+
+    def flush(bar) -> None:
+        """Finish every dispatched step, fetch its metrics, stop on a non-finite value."""
         nonlocal final_loss
-        if not pending:
-            return
-        host = jax.device_get([m for _, m in pending])
-        for (s, _), m in zip(pending, host):
+        wait_for(0, bar)
+        host = jax.device_get([m for _, m in finished])
+        for (s, _), m in zip(finished, host):
             bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(m[k]))]
+            if not bad and float(m["state_finite"]) != 1.0:
+                bad = ["the updated parameters"]
             if bad:
-                where = (f"the last good checkpoint is step {last_saved} in "
-                         f"{out / artifacts.CHECKPOINTS}" if last_saved else "no checkpoint yet")
+                value = "not finite" if bad[0].startswith("the") else f"{float(m[bad[0]])}"
+                where = (f"the last good checkpoint is step {last_saved} in {ckpt.directory}"
+                         if ckpt.latest_step() is not None else "no checkpoint yet")
                 raise TrainingDivergedError(
-                    f"training diverged: {bad[0]} is {float(m[bad[0]])} at step {s + 1}; "
+                    f"training diverged: {bad[0]} is {value} at step {s + 1}; "
                     f"{where} (lower train.learning_rate or train.clip_norm and rerun)")
             interval.append({k: float(v) for k, v in m.items()})
             final_loss = float(m["loss"])
-        pending.clear()
+        finished.clear()
 
     def log_record(step: int, bar) -> None:
         nonlocal t_interval
@@ -469,19 +558,30 @@ def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | 
             bar.set_postfix(loss=f"{rec['loss']:.2f}", kl=f"{rec['kl']:.2f}",
                             recon=f"{rec['recon']:.2f}", img_s=f"{rec['images_per_s']:.1f}")
 
+    def save(done: int) -> None:
+        nonlocal last_saved
+        meta = {"step": done, "elapsed_s": elapsed0 + time.time() - t_segment,
+                "examples_seen": done * tc.batch_size, "final_loss": final_loss,
+                "data_epoch": done * tc.batch_size // len(x_train), "config": config.dump(cfg)}
+        ckpt.save(done, state, meta)
+        last_saved = done
+
     bar = _progress(tc.steps, start, main)
+    done = start
     try:
         for s in range(start, tc.steps):
+            if stop.requested:
+                break
             x = feed(x_train, order.indices(s))
             state, m = step_fn(state, x, keys["train"])
-            pending.append((s, m))
-            bar.update(1)
+            in_flight.append((s, m))
+            wait_for(STEPS_IN_FLIGHT - 1, bar)
             done = s + 1
             is_ckpt = done % tc.checkpoint_every == 0 or done == tc.steps
             is_log = done % tc.log_every == 0 or done == tc.steps
             is_val = tc.val_every > 0 and (done % tc.val_every == 0 or done == tc.steps)
             if is_log or is_ckpt or is_val:
-                flush()
+                flush(bar)
             if is_log:
                 log_record(done, bar)
             if is_val and val is not None:
@@ -491,21 +591,27 @@ def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | 
                 if main:
                     _append_jsonl(metrics_path, rec)
             if is_ckpt:
-                meta = {"step": done, "elapsed_s": elapsed0 + time.time() - t_segment,
-                        "examples_seen": done * tc.batch_size, "final_loss": final_loss,
-                        "data_epoch": done * tc.batch_size // len(x_train)}
-                _save(mgr, done, state, meta)
-                last_saved = done
+                save(done)
+        flush(bar)
+        if stop.requested:
+            if done > last_saved:
+                log_record(done, bar)
+                save(done)
+            name = signal.Signals(stop.requested).name
+            where = (f"checkpoint {last_saved:,} is in {ckpt.directory} (run the same command "
+                     "again to resume)" if ckpt.latest_step() is not None else
+                     "no checkpoint was written")
+            raise Interrupted(f"stopped by {name} at step {done:,} of {tc.steps:,}; {where}",
+                              stop.requested)
     finally:
         bar.close()
-    flush()
     wall = elapsed0 + time.time() - t_segment
     summary = {
         "variant": cfg.model.variant, "name": cfg.name, "steps": tc.steps,
-        "wall_time_s": wall, "hardware": distributed.hardware_string(devices),
-        "n_devices": n_dev, "n_processes": jax.process_count(), "smoke": cfg.smoke,
+        "wall_time_s": wall, "hardware": hardware,
+        "n_devices": len(devices), "n_processes": jax.process_count(), "smoke": cfg.smoke,
         "tier": cfg.tier,
-        "param_count": param_count, "final_loss": final_loss,
+        "param_count": count_params(abstract["params"]), "final_loss": final_loss,
         "batch_size": tc.batch_size, "train_split": tc.train_split, "resumed_from_step": start,
     }
     if main:
@@ -513,7 +619,6 @@ def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | 
 
         save_params(params_path, _host_tree(state["params"]))
         _write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
-    mgr.close()
     return summary
 
 
