@@ -671,7 +671,7 @@ def test_metrics_jsonl_is_read_tolerantly(tmp_path):
             ]
     text = "\n".join(json.dumps(r) for r in good) + "\n\n" + '{"step": 15, "lo'
     p.write_text(text)
-    records = rpt.read_jsonl(p)
+    records = artifacts.read_train_metrics(p)
     assert len(records) == 4  # the truncated last line (interrupted run) is dropped
     tr = rpt.TrainRun(tmp_path, "doubling", "doubling", None, {}, None, records)
     curves = rpt.curves_frame([("doubling", tr)])
@@ -680,7 +680,101 @@ def test_metrics_jsonl_is_read_tolerantly(tmp_path):
                    (5.0, "val_elbo", -4.0), (10.0, "kl", 2.5)]
     p.write_text(json.dumps(good[0]) + "\n{broken\n" + json.dumps(good[1]) + "\n")
     with pytest.raises(DataError, match="line 2"):
-        rpt.read_jsonl(p)
+        artifacts.read_train_metrics(p)
+
+
+def test_unpairable_runs_are_one_user_error(tmp_path, capsys):
+    """A baseline evaluation beside a doubling model (a TypeError deep in the report before)."""
+    from vnca.cli import main
+
+    dirs = make_inputs(tmp_path)
+    train = {json.loads((t / artifacts.TRAIN_SUMMARY).read_text())["variant"]: t
+             for t in dirs["trains"]}
+    evals = {json.loads((e / artifacts.EVAL_METRICS).read_text())["variant"]: e
+             for e in dirs["evals"]}
+    rc = main(["report", "--evals", str(evals["baseline"]), "--train", str(train["doubling"]),
+               "--data", str(dirs["data"]), "--out", str(dirs["out"])])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "cannot pair" in err and str(evals["baseline"]) in err
+    assert str(train["doubling"]) in err
+    # A training run without its evaluation is refused the same way.
+    with pytest.raises(UserError, match="training run .* no partner") as e:
+        rpt.build_report([evals["baseline"], evals["doubling"]], dirs["trains"], dirs["data"],
+                         dirs["out"])
+    assert str(train["nondoubling"]) in _one_line(e)
+    assert not dirs["out"].exists()
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(data)))
+
+
+def _set(keys: str, value):
+    def edit(d):
+        *head, last = keys.split(".")
+        target = d
+        for k in head:
+            target = target[k]
+        if value is _DROP:
+            del target[last]
+        else:
+            target[last] = value
+        return d
+    return edit
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize("edit, key", [
+    (_set("iwelbo", _DROP), "iwelbo"),
+    (_set("iwelbo.mean_nats", "-95.2"), "iwelbo.mean_nats"),
+    (_set("iwelbo.mean_nats", float("nan")), "iwelbo.mean_nats"),
+    (_set("iwelbo.mean_nats", None), "iwelbo.mean_nats"),
+    (_set("iwelbo.mean_nats", True), "iwelbo.mean_nats"),
+    (_set("iwelbo.k", 0), "iwelbo.k"),
+    (_set("iwelbo", [1, 2]), "iwelbo"),
+    (_set("untrained.mean_nats", "bad"), "untrained.mean_nats"),
+    (_set("reconstruction", "97%"), "reconstruction"),
+    (_set("variant", 3), "variant"),
+    (lambda d: [d], "expected a JSON object"),
+])
+def test_malformed_eval_metrics_is_one_data_error(tmp_path, edit, key):
+    dirs = make_inputs(tmp_path)
+    path = dirs["evals"][1] / artifacts.EVAL_METRICS
+    _edit_json(path, edit)
+    with pytest.raises(DataError) as e:
+        build(dirs)
+    assert str(path) in _one_line(e) and key in str(e.value)
+    assert not (dirs["out"] / artifacts.REPORT_HTML).exists()
+
+
+@pytest.mark.parametrize("name, edit, key", [
+    (artifacts.TRAIN_SUMMARY, _set("variant", _DROP), "variant"),
+    (artifacts.TRAIN_SUMMARY, _set("variant", "nondoubling"), "differs from model.variant"),
+    (artifacts.TRAIN_SUMMARY, _set("steps", "1000"), "steps"),
+    (artifacts.TRAIN_SUMMARY, _set("n_devices", 0), "n_devices"),
+    (artifacts.TRAIN_SUMMARY, _set("wall_time_s", [1]), "wall_time_s"),
+    (artifacts.TRAIN_SUMMARY, lambda d: None, "expected a JSON object"),
+    (artifacts.TRAIN_METRICS, '[1, 2]\n{"step": 1}\n', "line 1"),
+    (artifacts.TRAIN_METRICS, '{"step": 1}\n{"loss": 3.0}\n{"step": 3}\n', "line 2"),
+    (artifacts.TRAIN_METRICS, '{"step": 1, "loss": "3.0"}\n{"step": 2}\n', "'loss'"),
+    (artifacts.TRAIN_METRICS, b'{"step": 1}\n\xff\n', "cannot read"),
+])
+def test_malformed_train_artifacts_are_one_data_error(tmp_path, name, edit, key):
+    dirs = make_inputs(tmp_path)
+    path = dirs["trains"][0] / name
+    if isinstance(edit, str):
+        path.write_text(edit)
+    elif isinstance(edit, bytes):
+        path.write_bytes(edit)
+    else:
+        _edit_json(path, edit)
+    with pytest.raises(DataError) as e:
+        build(dirs)
+    assert str(path) in _one_line(e) and key in str(e.value)
 
 
 @pytest.mark.parametrize("report", [

@@ -17,9 +17,12 @@ and last the raw label-matching statistics. A run below the paper's scale (`tier
 or cpu) gets a banner, so nobody mistakes a 20-step number for the paper's.
 
 Which variant a directory holds is read from its files (`variant` in `summary.json` /
-`metrics.json`), never from the order of the arguments. A missing directory or required file
-raises `DataError` with one line naming the path; a missing optional figure shows "not produced"
-and a missing optional number "—" (older evaluation directories lack the newer keys).
+`metrics.json`), never from the order of the arguments; every evaluation must pair with a
+training run of its variant and vice versa. The JSON artifacts are read through the validating
+readers of `vnca.artifacts`: a missing directory or required file, or a malformed one, raises
+`DataError` with one line naming the path (and the key); a missing optional figure shows "not
+produced" and a missing optional number "—" (older evaluation directories lack the newer
+keys).
 
 Legibility: the page is at most 1400 px wide and every image is shown at its own size (never
 stretched to a column), so the report's figures are drawn at most `MAX_FIGURE_IN` inches wide at
@@ -38,7 +41,6 @@ import dataclasses
 import functools
 import html
 import io
-import json
 import math
 import os
 import re
@@ -145,23 +147,6 @@ def _require_file(path: Path) -> Path:
     return path
 
 
-def _read_json(path: Path) -> Any:
-    _require_file(path)
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e.__class__.__name__})") from None
-
-
-def _read_json_object(path: Path) -> dict:
-    data = _read_json(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def png_dims(data: bytes) -> tuple:
     """(width, height) from a PNG's IHDR chunk; (0, 0) if the header is not there."""
     if len(data) < 24 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
@@ -185,13 +170,6 @@ def _png_problem(path: Path) -> str | None:
     return None
 
 
-def _str_key(d: dict, key: str, path: Path) -> str:
-    value = d.get(key)
-    if not isinstance(value, str) or not value:
-        raise DataError(f"{path}: missing or empty '{key}'")
-    return value
-
-
 def read_tier(d: dict) -> str | None:
     """The run's tier from `tier`, or from the older boolean `smoke`; None if neither says."""
     tier = d.get("tier")
@@ -209,9 +187,9 @@ def load_eval_dir(path: str | Path) -> EvalRun:
     """Read one evaluation directory (`vnca evaluate --out`)."""
     d = _require_dir(path, "evaluation")
     metrics_path = d / artifacts.EVAL_METRICS
-    metrics = _read_json_object(metrics_path)
-    variant = _str_key(metrics, "variant", metrics_path)
-    name = metrics.get("name") if isinstance(metrics.get("name"), str) else variant
+    metrics = artifacts.read_eval_metrics(metrics_path)
+    variant = metrics["variant"]
+    name = metrics.get("name") or variant
     figures, unreadable = {}, {}
     for fname in artifacts.EVAL_FIGURES:
         p = d / fname
@@ -234,31 +212,6 @@ def load_eval_dir(path: str | Path) -> EvalRun:
                    figures=figures, unreadable=unreadable, arrays=arrays)
 
 
-def read_jsonl(path: Path) -> list:
-    """JSON objects, one a line. A broken *last* line (a run interrupted mid-write) is dropped;
-    a broken line elsewhere is a `DataError`."""
-    _require_file(path)
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e.__class__.__name__})") from None
-    while lines and not lines[-1].strip():
-        lines.pop()
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise DataError(f"{path}: line {i + 1} is not valid JSON") from None
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
-
-
 def load_train_dir(path: str | Path) -> TrainRun:
     """Read one training directory (`vnca train --out`); checkpoints and params are not read."""
     d = _require_dir(path, "training")
@@ -268,11 +221,13 @@ def load_train_dir(path: str | Path) -> TrainRun:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{cfg_path}: cannot read ({e.__class__.__name__})") from None
     summary_path = d / artifacts.TRAIN_SUMMARY
-    summary = _read_json_object(summary_path)
-    variant = summary.get("variant") if isinstance(summary.get("variant"), str) else None
-    variant = variant or cfg.model.variant
-    name = summary.get("name") if isinstance(summary.get("name"), str) else None
-    records = read_jsonl(d / artifacts.TRAIN_METRICS)
+    summary = artifacts.read_train_summary(summary_path)
+    variant = summary["variant"]
+    if variant != cfg.model.variant:
+        raise DataError(f"{summary_path}: variant {variant!r} differs from model.variant "
+                        f"{cfg.model.variant!r} in {cfg_path}")
+    name = summary.get("name")
+    records = artifacts.read_train_metrics(d / artifacts.TRAIN_METRICS)
     tier = smallest_tier(read_tier(summary), getattr(cfg, "tier", None))
     return TrainRun(path=d, variant=variant, name=name or cfg.name or variant, tier=tier,
                     summary=summary, cfg=cfg, records=records)
@@ -281,7 +236,7 @@ def load_train_dir(path: str | Path) -> TrainRun:
 def load_data_dir(path: str | Path) -> DataInfo:
     """Read the dataset directory's label-matching report (`vnca prepare-data --out`)."""
     d = _require_dir(path, "dataset")
-    report = _read_json_object(d / artifacts.MATCH_REPORT)
+    report = artifacts.read_json_object(d / artifacts.MATCH_REPORT)
     pairs = d / artifacts.MATCHED_PAIRS_PNG
     problem = _png_problem(pairs) if pairs.exists() else None
     ok = pairs.exists() and problem is None
@@ -323,11 +278,12 @@ def bits_per_dim(nats: float, n_pixels: int = reference.MNIST_PIXELS) -> float:
 
 
 def pair_runs(evals: Sequence[EvalRun], trains: Sequence[TrainRun]) -> list:
-    """[(label, EvalRun | None, TrainRun | None)] in variant order.
+    """[(label, EvalRun, TrainRun)] in variant order.
 
     An evaluation is paired with the training run of the same variant and name, or failing
     that with the only training run of its variant. Two directories of one kind for the same
-    variant and name are ambiguous and raise `DataError`.
+    variant and name are ambiguous and raise `DataError`; an evaluation or a training run left
+    without a partner (e.g. a baseline evaluation beside a doubling model) raises `UserError`.
     """
     for runs, what in ((evals, "evaluation"), (trains, "training")):
         seen: dict = {}
@@ -348,7 +304,13 @@ def pair_runs(evals: Sequence[EvalRun], trains: Sequence[TrainRun]) -> list:
         if tr is not None:
             unused.remove(tr)
         pairs.append((run_label(ev.variant, ev.name), ev, tr))
-    pairs += [(run_label(t.variant, t.name), None, t) for t in unused]
+    alone = [f"evaluation {ev.path} ({label})" for label, ev, tr in pairs if tr is None]
+    alone += [f"training run {t.path} ({run_label(t.variant, t.name)})" for t in unused]
+    if alone:
+        raise UserError(
+            f"cannot pair evaluations with training runs: {'; '.join(alone)} "
+            f"{'has' if len(alone) == 1 else 'have'} no partner of the same variant; pass each "
+            "run's model directory (--train) and its evaluation (--evals)")
     pairs.sort(key=lambda p: (_variant_rank((p[1] or p[2]).variant), p[0]))
     return pairs
 
@@ -433,6 +395,8 @@ def format_duration(seconds: float | None) -> str:
 def _fmt(x: float | None, spec: str, signed: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return MISSING
+    if spec.endswith("d"):  # pandas holds an integer column with a gap as floats
+        x = int(x)
     return format(x, ("+" if signed else "") + spec)
 
 
@@ -481,9 +445,10 @@ def format_run_details(df: pd.DataFrame) -> pd.DataFrame:
     """How each result was made: training steps, wall time, hardware, K and test images."""
     out = []
     for r in df.to_dict("records"):
-        hardware = r["hardware"] or MISSING
-        if r["n_devices"] is not None and r["hardware"]:
-            hardware += f" ({r['n_devices']} device{'s' if r['n_devices'] != 1 else ''})"
+        hw, n_dev = r["hardware"], _int(r["n_devices"])  # NaN where another row has a value
+        hardware = hw if isinstance(hw, str) and hw else MISSING
+        if n_dev is not None and hardware != MISSING:
+            hardware += f" ({n_dev} device{'s' if n_dev != 1 else ''})"
         out.append({
             "variant": r["variant"],
             "training steps": _fmt(r["steps"], ","),
