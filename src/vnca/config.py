@@ -305,7 +305,7 @@ def _read_yaml(text: str, source: str, allow_empty: bool = False) -> dict:
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{source}: {len(text):,} characters is too large for a config file")
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -342,7 +342,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"--set {_cut(item)}: empty key")
     try:
-        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""  # noqa: S506
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
     except (yaml.YAMLError, RecursionError):
         value = raw
     return key.split("."), value
