@@ -255,3 +255,43 @@ def test_user_mistakes_give_one_line(tmp_path, capsys):
                    "--out", str(out))
     _one_line_error(rc, err, "nodata")
     assert not (out / artifacts.EVAL_METRICS).exists()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_parameters_are_refused_before_anything_is_computed(tmp_path, capsys, bad):
+    """A diverged run's parameters (e.g. train.learning_rate=1e39) made a metrics.json with a
+    null bound and then a TypeError in the CLI."""
+    _dataset(tmp_path / "data")
+    model_dir = _model_dir(tmp_path / "model", "baseline")
+    cfg = config.load([CONFIGS / "baseline.yaml", CONFIGS / "smoke.yaml"])
+    params = random_params(build_model(cfg))
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    leaves[0] = np.full(leaves[0].shape, bad, np.float32)  # one tensor is enough
+    save_params(model_dir / artifacts.PARAMS, jax.tree_util.tree_unflatten(tree, leaves))
+    out = tmp_path / "out"
+    rc, err = _cli(capsys, "--model", str(model_dir), "--data", str(tmp_path / "data"),
+                   "--out", str(out))
+    _one_line_error(rc, err, str(model_dir / artifacts.PARAMS), "NaN or infinite")
+    assert not out.exists()  # refused before anything was computed or written
+
+
+def test_summary_line_without_a_finite_bound(monkeypatch, capsys):
+    import vnca.evaluate
+
+    for metrics in ({"iwelbo": {"k": 4, "mean_nats": None}, "reconstruction": None}, {}):
+        monkeypatch.setattr(vnca.evaluate, "evaluate", lambda m=metrics, **kw: m)
+        rc = main(["evaluate", "--model", "m", "--data", "d", "--out", "o"])
+        out = capsys.readouterr().out
+        assert rc == 0 and "not finite" in out and "recognised" not in out
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    _dataset(tmp_path / "data")
+    model_dir = _model_dir(tmp_path / "model", "baseline")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a directory\n")
+    for out, needle in ((a_file, "not a directory"), (a_file / "sub", "not a directory")):
+        rc, err = _cli(capsys, "--model", str(model_dir), "--data", str(tmp_path / "data"),
+                       "--out", str(out))
+        _one_line_error(rc, err, str(out), needle)
+    assert a_file.read_text() == "not a directory\n"

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from vnca.errors import DataError
+from vnca.errors import DataError, UserError
 
 # prepare-data -> DATA_DIR
 DATASET = "dataset.npz"            # {split}_x uint8 (N, 28, 28) in {0, 1}; {split}_y; {split}_mnist_index
@@ -187,3 +188,36 @@ def read_train_metrics(path: str | os.PathLike) -> list[dict]:
             raise DataError(f"{path}: line {i + 1} is not a JSON object")
         records.append(check_fields(rec, TRAIN_RECORD_SCHEMA, f"{path}: line {i + 1}"))
     return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directories: checked before the work that fills them, created just before writing.
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse, without creating anything, an output path that cannot become a writable
+    directory: an existing non-directory, a file among its parents, or an unwritable parent."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: {flag} exists and is not a directory")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{path}: cannot create {flag} ({existing} is not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot write {flag} ({existing} is not writable)")
+    return path
+
+
+def make_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create the output directory `path` (and its parents) and check that a file can be
+    written there; one-line `UserError` otherwise."""
+    path = check_out_dir(path, flag)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"{path}: cannot write {flag} ({e.strerror or e})") from None
+    return path

@@ -69,12 +69,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate(
         model_dir=args.model, data_dir=args.data, out_dir=args.out, overrides=args.overrides
     )
-    iw = metrics.get("iwelbo", {})
-    rec = metrics.get("reconstruction")
-    recognised = (f"; {rec['accuracy']:.1%} of test reconstructions recognised"
-                  if rec and rec.get("accuracy") is not None else "")
-    print(f"IW bound (K={iw.get('k')}): {iw.get('mean_nats', float('nan')):.2f} nats"
-          f"{recognised}; results in {args.out}")
+    iw = metrics.get("iwelbo") or {}
+    mean = iw.get("mean_nats")
+    bound = f"{mean:.2f} nats" if isinstance(mean, (int, float)) else "not finite"
+    rec = metrics.get("reconstruction") or {}
+    accuracy = rec.get("accuracy")
+    recognised = (f"; {accuracy:.1%} of test reconstructions recognised"
+                  if isinstance(accuracy, (int, float)) else "")
+    print(f"IW bound (K={iw.get('k')}): {bound}{recognised}; results in {args.out}")
     return 0
 
 

@@ -142,6 +142,7 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
     from vnca.models import build_model
     from vnca.models.model_io import load_model
 
+    artifacts.check_out_dir(out_dir)
     cfg, _, params = load_model(model_dir)
     cfg = eval_config(cfg, overrides)
     e = cfg.eval
@@ -153,8 +154,7 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
     if n_test == 0:
         raise DataError(f"{Path(data_dir) / artifacts.DATASET}: the test split is empty")
     x_N = pad_images(x_u8, cfg.data.pad_to)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = artifacts.make_out_dir(out_dir)
     (out / artifacts.EVAL_METRICS).unlink(missing_ok=True)  # a finished run writes it last
 
     keys = eval_keys(e.seed)

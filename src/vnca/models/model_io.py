@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import jax
+import numpy as np
 from flax import serialization
 
 from vnca import artifacts, config
@@ -22,7 +23,11 @@ def save_params(path: str | Path, params) -> None:
 
 
 def load_model(model_dir: str | Path) -> tuple[config.Config, VAE, dict]:
-    """(config, model, params) of a directory written by `vnca train`; one-line errors."""
+    """(config, model, params) of a directory written by `vnca train`; one-line errors.
+
+    Parameters that are not all finite (a diverged run) are refused here, before anything is
+    computed with them.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise DataError(f"{model_dir}: model directory not found")
@@ -51,5 +56,12 @@ def load_model(model_dir: str | Path) -> tuple[config.Config, VAE, dict]:
     if got != want:
         raise DataError(f"{params_path}: parameters do not match the model in {cfg_path} "
                         "(trained for a different config?)")
+    leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(raw)]
+    bad = sum(int(np.size(a) - np.count_nonzero(np.isfinite(a))) for a in leaves)
+    if bad:
+        total = sum(int(np.size(a)) for a in leaves)
+        raise DataError(f"{params_path}: {bad:,} of {total:,} parameters are NaN or infinite "
+                        "(the training run diverged); retrain, e.g. with a lower "
+                        "train.learning_rate")
     params = serialization.from_state_dict(template, raw)
     return cfg, model, params
