@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -802,3 +804,38 @@ def test_report_imports_no_jax():
     code = ("import sys, vnca.report; bad = [m for m in sys.modules if m == 'jax' or "
             "m.startswith(('jax.', 'jaxlib', 'flax', 'optax'))]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755),
+                                                        (0o027, 0o640, 0o750)])
+def test_outputs_honour_the_umask(tmp_path, umask, file_mode, dir_mode):
+    """report.html / report.md were 0600 and figures/ 0700 (mkstemp, mkdtemp)."""
+    dirs = make_inputs(tmp_path)
+    old = os.umask(umask)
+    try:
+        build(dirs)
+        build(dirs)  # a rebuild replaces figures/ and both files the same way
+    finally:
+        os.umask(old)
+    out = dirs["out"]
+    assert mode(out / artifacts.REPORT_HTML) == file_mode
+    assert mode(out / artifacts.REPORT_MD) == file_mode
+    assert mode(out / "figures") == dir_mode
+    figures = list((out / "figures").rglob("*"))
+    assert figures and all(mode(p) == (dir_mode if p.is_dir() else file_mode) for p in figures)
+    assert sorted(p.name for p in out.iterdir()) == ["figures", "report.html", "report.md"]
+
+
+def test_out_that_is_a_file_is_refused_before_reading(tmp_path):
+    dirs = make_inputs(tmp_path)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        with pytest.raises(UserError, match="not a directory") as e:
+            build(dict(dirs, out=out))
+        assert str(out) in _one_line(e)
+    assert a_file.read_text() == "x"

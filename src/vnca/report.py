@@ -44,8 +44,8 @@ import io
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -1266,26 +1266,31 @@ def render_markdown(blocks: Sequence) -> str:
 # Entry point (I/O on the output side).
 
 
+def _temp_name(path: Path) -> Path:
+    """A fresh hidden sibling of `path`. Files and folders are then created with plain
+    open/mkdir, so they get the umask's modes like every other artifact (mkstemp and mkdtemp
+    would make them 0600 and 0700)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temp_name(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def write_report(blocks: Sequence, out_dir: str | Path) -> Path:
     """Write `figures/`, `report.md` and, last, `report.html`; returns the HTML's path."""
-    out = Path(out_dir)
+    out = artifacts.make_out_dir(out_dir)
+    final = out / "figures"
+    staging = _temp_name(final)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output directory {out}: {e.strerror}") from None
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=".figures."))
-    try:
+        staging.mkdir()
         for b in blocks:
             if isinstance(b, Figures):
                 for f in b.figs:
@@ -1293,7 +1298,6 @@ def write_report(blocks: Sequence, out_dir: str | Path) -> Path:
                         p = staging / Path(f.md_path).relative_to("figures")
                         p.parent.mkdir(parents=True, exist_ok=True)
                         p.write_bytes(f.png)
-        final = out / "figures"
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -1313,6 +1317,7 @@ def build_report(eval_dirs: Sequence[str | Path], train_dirs: Sequence[str | Pat
     of `report.html`."""
     if not eval_dirs:
         raise UserError("no evaluation directories given (--evals)")
+    artifacts.check_out_dir(out_dir)  # before the reading and plotting
     evals = [load_eval_dir(d) for d in eval_dirs]
     trains = [load_train_dir(d) for d in train_dirs]
     data = load_data_dir(data_dir)
