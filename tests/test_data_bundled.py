@@ -103,6 +103,52 @@ def test_load_split_errors(tmp_path, bundled_out):
         assert "test_x.npy" in z.namelist()
 
 
+def _with(arrays: dict, key: str, fn) -> dict:
+    return {**arrays, key: fn(arrays[key])}
+
+
+@pytest.mark.parametrize("key, fn, needle", [
+    ("test_y", lambda y: np.where(np.arange(len(y)) == 3, -1, y), "test_y has label -1 outside"),
+    ("test_y", lambda y: np.where(np.arange(len(y)) == 0, 42, y), "test_y has label 42 outside"),
+    ("test_y", lambda y: y.astype(np.float64), "test_y must be integers, got float64"),
+    ("test_y", lambda y: y[:-1], "test_y must have shape (1000,)"),
+    ("test_y", lambda y: y[:, None], "test_y must have shape (1000,)"),
+    ("test_mnist_index", lambda i: i.astype(np.float32), "test_mnist_index must be integers"),
+    ("test_mnist_index", lambda i: i - 5000, "test_mnist_index has negative index"),
+    ("test_mnist_index", lambda i: i[:10], "test_mnist_index must have shape (1000,)"),
+    ("test_x", lambda x: x.astype(np.float32), "test_x must be uint8"),
+    ("test_x", lambda x: x[:, :27], "test_x must be uint8 (N, 28, 28)"),
+])
+def test_malformed_dataset_is_one_data_error(tmp_path, bundled_out, key, fn, needle):
+    """Labels of -1 failed deep in evaluate; 42 and a float mnist_index were accepted."""
+    arrays = load_dataset(bundled_out)
+    np.savez(tmp_path / artifacts.DATASET, **_with(arrays, key, fn))
+    with pytest.raises(DataError) as e:
+        load_split(tmp_path, "test")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{tmp_path / artifacts.DATASET}: ")
+    assert needle in msg
+    load_split(tmp_path, "train")  # the other splits are still fine
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeroed", "flipped"])
+def test_damaged_dataset_file_is_one_data_error(tmp_path, bundled_out, damage):
+    data = (bundled_out / artifacts.DATASET).read_bytes()
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "zeroed":
+        data = bytes(len(data))
+    else:  # corrupt the compressed bytes in the middle of the test images
+        with zipfile.ZipFile(bundled_out / artifacts.DATASET) as z:
+            info = z.getinfo("test_x.npy")
+        mid = info.header_offset + 100 + info.compress_size // 2
+        data = data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 64]) + data[mid + 64:]
+    (tmp_path / artifacts.DATASET).write_bytes(data)
+    with pytest.raises(DataError, match="unreadable or corrupt dataset") as e:
+        load_dataset(tmp_path)
+    assert "\n" not in str(e.value)
+
+
 def test_pad_images():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 2, (3, 28, 28)).astype(np.uint8)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import numpy as np
 from vnca.artifacts import DATASET, SPLITS
 from vnca.errors import ConfigError, DataError
 
-__all__ = ["DATASET", "SPLITS", "load_dataset", "load_split", "pad_images"]
+__all__ = ["DATASET", "SPLITS", "check_split", "load_dataset", "load_split", "pad_images"]
 
 
 def pad_images(x_NxHxW: np.ndarray, pad_to: int) -> np.ndarray:
@@ -40,7 +41,8 @@ def pad_images(x_NxHxW: np.ndarray, pad_to: int) -> np.ndarray:
 
 
 def load_dataset(data_dir: str | os.PathLike, splits=SPLITS) -> dict[str, np.ndarray]:
-    """All arrays of `dataset.npz` for `splits` (x, y, mnist_index), checked for shape/dtype."""
+    """All arrays of `dataset.npz` for `splits` (x, y, mnist_index), each checked
+    (`check_split`): a missing, corrupt or malformed file is one `DataError` line."""
     path = Path(data_dir) / DATASET
     if not path.is_file():
         raise DataError(f"{path}: dataset not found (run `vnca prepare-data --out {data_dir}`)")
@@ -56,19 +58,37 @@ def load_dataset(data_dir: str | os.PathLike, splits=SPLITS) -> dict[str, np.nda
                     out[key] = npz[key]
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{path}: unreadable or corrupt dataset ({msg})") from None
     for split in splits:
-        x, y, idx = out[f"{split}_x"], out[f"{split}_y"], out[f"{split}_mnist_index"]
-        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
-            raise DataError(f"{path}: {split}_x must be uint8 (N, 28, 28), got {x.dtype} "
-                            f"{x.shape}")
-        if y.dtype != np.int64 or y.shape != (len(x),) or idx.shape != (len(x),):
-            raise DataError(f"{path}: {split}_y / {split}_mnist_index must be int64 ({len(x)},)")
-        if x.size and x.max() > 1:
-            raise DataError(f"{path}: {split}_x has values other than 0 and 1")
+        check_split(path, split, out[f"{split}_x"], out[f"{split}_y"],
+                    out[f"{split}_mnist_index"])
     return out
+
+
+def check_split(path: Path, split: str, x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> None:
+    """One split of `dataset.npz` as `vnca prepare-data` writes it, or a `DataError` naming the
+    file and the array: x uint8 (N, 28, 28) in {0, 1}; y integer (N,) in 0..9; mnist_index
+    integer (N,), non-negative."""
+    def fail(key: str, what: str) -> DataError:
+        return DataError(f"{path}: {split}_{key} {what}")
+
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
+        raise fail("x", f"must be uint8 (N, 28, 28), got {x.dtype} {x.shape}")
+    if x.size and x.max() > 1:
+        raise fail("x", "has values other than 0 and 1")
+    n = len(x)
+    for key, arr in (("y", y), ("mnist_index", idx)):
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise fail(key, f"must be integers, got {arr.dtype}")
+        if arr.shape != (n,):
+            raise fail(key, f"must have shape ({n},) like {split}_x, got {arr.shape}")
+    if y.size and (y.min() < 0 or y.max() > 9):
+        bad = y[(y < 0) | (y > 9)][0]
+        raise fail("y", f"has label {int(bad)} outside 0..9")
+    if idx.size and idx.min() < 0:
+        raise fail("mnist_index", f"has negative index {int(idx.min())}")
 
 
 def load_split(data_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
