@@ -68,11 +68,14 @@ class ModelConfig:
     baseline_output: Literal["model_padding", "neg_inf_padding"] = "neg_inf_padding"
     # jax.checkpoint on every NCA step (memory: 40-64 steps at 32x32x256, trap T8).
     remat: bool = True
-    # How the NCA's 3x3 conv is computed (the same convolution up to float32 rounding, and the
-    # same parameters): "winograd" F(4x4, 3x3) tiles (4x fewer multiplications; fastest on the
-    # CPU), "im2col" (one matmul over 9 shifted copies) or "xla" (the backend's own conv, for
-    # GPU/TPU; slow inside a scan on XLA:CPU). Neither O nor R: a speed choice, see layers.py.
-    conv_algorithm: Literal["winograd", "im2col", "xla"] = "winograd"
+    # How convolutions are computed (the same convolutions up to float32 rounding, and the same
+    # parameters): "auto" resolves when a run starts to "winograd" on the CPU and "xla" on GPU
+    # and TPU, and the run's resolved config records which. "winograd": the NCA's 3x3 convs by
+    # F(4x4, 3x3) tiles (4x fewer multiplications; fastest on the CPU); "im2col": one matmul
+    # over 9 shifted copies; the encoder's strided and the baseline's transposed convs are
+    # im2col matmuls under both. "xla": the backend's own convs for every layer (GPU/TPU; slow
+    # inside a scan on XLA:CPU). Neither O nor R: a speed choice, see models/layers.py.
+    conv_algorithm: Literal["auto", "winograd", "im2col", "xla"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,7 +52,7 @@ from vnca.checkpoint import Checkpointer, RunLock
 from vnca.config import Config
 from vnca.errors import ConfigError, UserError
 from vnca.models import build_model, count_params
-from vnca.models.vae import VAE
+from vnca.models.vae import VAE, resolve_backend
 
 
 class TrainingDivergedError(UserError):
@@ -424,6 +424,7 @@ def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | 
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     out = Path(out_dir)
     devices = jax.devices() if devices is None else devices
+    cfg = resolve_backend(cfg, devices[0].platform)  # "auto" settled once, recorded below
     check_batch(cfg, len(devices))
     x_train, x_valid = training_images(cfg, data_dir)  # fail on bad data before writing
     if len(x_train) == 0:

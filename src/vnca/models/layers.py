@@ -14,10 +14,14 @@ convolution up to float32 rounding:
   multiplications per output and channel pair against the direct conv's 9; the backward pass
   (a custom VJP) is Winograd too.
 - "im2col": one matmul over the 9 shifted copies of the input.
-- "xla": `lax.conv_general_dilated` (for accelerators; slow inside a scan on XLA:CPU).
+- "xla": `lax.conv_general_dilated` (for accelerators; slow inside a scan on XLA:CPU); with it,
+  the encoder's strided and the baseline's transposed convs are XLA convolutions too.
+- "auto" (the default): "winograd" on the CPU, "xla" on GPU and TPU (`resolve_algorithm`),
+  resolved once when a run starts and recorded in its resolved config.
 The parameter tree (`Conv_i/kernel` of shape (k, k, in, out), `Conv_i/bias`) is that of
 `nn.Conv` whatever the algorithm, so checkpoints move between them. The encoder's strided convs
-and the baseline's transposed convs are im2col matmuls as well (`Conv`, `ConvTranspose`).
+and the baseline's transposed convs are im2col matmuls under the other algorithms (`Conv`,
+`ConvTranspose`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,19 @@ import jax.numpy as jnp
 import numpy as np
 
 CONV_ALGORITHMS = ("winograd", "im2col", "xla")
+# What `model.conv_algorithm: auto` means on each JAX platform: today's matmul paths where
+# they were measured fastest (the CPU), the backend's own convolutions everywhere else (TPU
+# and GPU compilers tile convs for their matrix units; Winograd's transforms with factors up to
+# 8 and 1/24 have never been checked under a TPU's reduced default matmul precision).
+AUTO_ALGORITHM = {"cpu": "winograd"}
+AUTO_OTHER = "xla"
+
+
+def resolve_algorithm(algorithm: str, platform: str) -> str:
+    """The algorithm `algorithm` names on `platform` ("cpu", "gpu", "tpu", ...)."""
+    if algorithm != "auto":
+        return algorithm
+    return AUTO_ALGORITHM.get(platform, AUTO_OTHER)
 
 # Winograd F(m x m, 3 x 3) (Lavin & Gray 2016): Y = A^T [(G w G^T) * (B^T d B)] A over
 # (m + 2) x (m + 2) input tiles d that overlap by 2, interpolation points 0, +-1, (+-2,) inf.
@@ -213,6 +230,10 @@ class Conv(nn.Module):
         w_KxKxCxF = self.param("kernel", init, (k, k, c, self.features))
         if self.stride == 1:
             y = conv_stride1(x_BxHxWxC, w_KxKxCxF, self.padding, self.algorithm)
+        elif self.algorithm == "xla":
+            y = jax.lax.conv_general_dilated(
+                x_BxHxWxC, w_KxKxCxF, (self.stride, self.stride), _pairs(self.padding),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
         else:
             y = conv_im2col(x_BxHxWxC, w_KxKxCxF, self.padding, self.stride)
         if self.use_bias:
@@ -239,6 +260,7 @@ class ConvTranspose(nn.Module):
     stride: int
     torch_padding: int
     output_padding: int = 0
+    algorithm: str = "winograd"
 
     @nn.compact
     def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
@@ -247,14 +269,21 @@ class ConvTranspose(nn.Module):
         w_KxKxCxF = self.param("kernel", init, (k, k, c, self.features))
         lo = k - 1 - self.torch_padding
         pad = ((lo, lo + self.output_padding), (lo, lo + self.output_padding))
-        y = conv_im2col(dilate(x_BxHxWxC, self.stride), w_KxKxCxF, pad)
+        if self.algorithm == "xla":  # the same conv, the dilation done by XLA
+            y = jax.lax.conv_general_dilated(
+                x_BxHxWxC, w_KxKxCxF, (1, 1), pad, lhs_dilation=(self.stride, self.stride),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        else:
+            y = conv_im2col(dilate(x_BxHxWxC, self.stride), w_KxKxCxF, pad)
         return y + self.param("bias", init, (self.features,))
 
 
 def conv_transpose(features: int, kernel: int, *, stride: int, torch_padding: int,
-                   output_padding: int = 0, name: str | None = None) -> ConvTranspose:
+                   output_padding: int = 0, algorithm: str = "winograd",
+                   name: str | None = None) -> ConvTranspose:
     """Same output size as torch.nn.ConvTranspose2d(k, stride, padding, output_padding)."""
-    return ConvTranspose(features, kernel, stride, torch_padding, output_padding, name=name)
+    return ConvTranspose(features, kernel, stride, torch_padding, output_padding, algorithm,
+                         name=name)
 
 
 def dense(features: int, fan_in: int, name: str | None = None) -> nn.Dense:

@@ -20,6 +20,7 @@ from vnca.config import Config, ModelConfig, max_nca_steps
 from vnca.models import nca
 from vnca.models.baseline import BaselineDecoder
 from vnca.models.encoder import Encoder
+from vnca.models.layers import resolve_algorithm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,17 +37,21 @@ class VAE:
     def is_nca(self) -> bool:
         return self.cfg.variant in ("doubling", "nondoubling")
 
+    @property
+    def conv_algorithm(self) -> str:
+        """The configured conv algorithm; "auto" (unresolved) means this process's backend."""
+        return resolve_algorithm(self.cfg.conv_algorithm, jax.default_backend())
+
     def _encoder(self) -> Encoder:
-        return Encoder(self.cfg.z_dim, self.image_size, self.cfg.conv_width)
+        return Encoder(self.cfg.z_dim, self.image_size, self.cfg.conv_width, self.conv_algorithm)
 
     def _decoder(self):
-        c = self.cfg
+        c, algorithm = self.cfg, self.conv_algorithm
         if c.variant == "baseline":
-            return BaselineDecoder(c.z_dim, c.baseline_output, c.conv_width)
+            return BaselineDecoder(c.z_dim, c.baseline_output, c.conv_width, algorithm)
         if c.variant == "doubling":
-            return nca.ResidualUpdate(c.z_dim, c.nca_hidden, c.n_residual_blocks,
-                                      c.conv_algorithm)
-        return nca.SimpleUpdate(c.z_dim, c.nca_hidden, c.last_layer_bias, c.conv_algorithm)
+            return nca.ResidualUpdate(c.z_dim, c.nca_hidden, c.n_residual_blocks, algorithm)
+        return nca.SimpleUpdate(c.z_dim, c.nca_hidden, c.last_layer_bias, algorithm)
 
     def init(self, key: jax.Array) -> dict:
         k_enc, k_dec = jax.random.split(key)
@@ -196,6 +201,14 @@ def _upsample(logits_TxBxhxw: jax.Array, n: int) -> jax.Array:
     if f == 1:
         return logits_TxBxhxw
     return jnp.repeat(jnp.repeat(logits_TxBxhxw, f, axis=-2), f, axis=-1)
+
+
+def resolve_backend(cfg: Config, platform: str | None = None) -> Config:
+    """`cfg` with `model.conv_algorithm: auto` replaced by what it means on `platform`
+    (default: JAX's default backend), as a run records it in its resolved config."""
+    algorithm = resolve_algorithm(cfg.model.conv_algorithm, platform or jax.default_backend())
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                              conv_algorithm=algorithm))
 
 
 def build_model(cfg: Config) -> VAE:
