@@ -284,3 +284,40 @@ def test_tfds_read_path_with_prepared_data(tmp_path, monkeypatch):
     builders["binarized_mnist"].splits["test"][3] = {"image": bins["test"][3]}
     with pytest.raises(tfds_source.DataError, match=r"binarized_mnist test \(12 records\)"):
         tfds_source.read_tfds(tmp_path)
+
+
+@needs_shared
+def test_gzip_bomb_via_cli(tmp_path, capsys):
+    from test_data_raw import gzip_bomb
+
+    d = raw_dir_with(tmp_path, drop=("binarized_mnist_test.amat",))
+    gzip_bomb(d / "binarized_mnist_test.amat.gz", 200 << 20)
+    out = tmp_path / "out"
+    rc, err = run(["--source", "raw", "--raw-dir", str(d), "--out", str(out)], capsys)
+    assert_failed(rc, err, str(d / "binarized_mnist_test.amat.gz"), out)
+    assert "decompresses to more than" in err
+
+
+def test_stale_staging_folders_of_killed_runs_are_removed(tmp_path):
+    """A SIGKILL during prepare-data left OUT/.prepare-data-PID.partial behind forever."""
+    import subprocess
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = out / f".prepare-data-{dead.pid}.partial"
+        busy = out / f".prepare-data-{live.pid}.partial"
+        other = out / ".prepare-data-notapid.partial"
+        for d in (stale, busy, other):
+            (d / "sub").mkdir(parents=True)
+            (d / "sub" / "dataset.npz").write_bytes(b"half")
+        prepare.prepare_data("bundled", out, progress=False)
+        assert not stale.exists()                  # its process is gone: removed
+        assert busy.is_dir() and other.is_dir()    # a live run's, and not ours: kept
+        assert (out / "dataset.npz").is_file()
+    finally:
+        live.kill()
+        live.wait()

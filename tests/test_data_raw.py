@@ -120,6 +120,53 @@ def test_parse_idx_errors(tmp_path):
         raw.parse_idx(labels, p, "idx1")
 
 
+def gzip_bomb(path: Path, n_bytes: int) -> Path:
+    """A gzip of `n_bytes` zeros, written in a streaming way (200 MB -> about 200 KB)."""
+    block = bytes(1 << 20)
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        for _ in range(n_bytes // len(block)):
+            f.write(block)
+    return path
+
+
+def test_gzip_bomb_stops_at_the_expected_size(tmp_path):
+    """A gzip of zeros far larger than the file it stands for raised MemoryError (1.5 GB)."""
+    import tracemalloc
+
+    spec = raw.RAW_FILES["binarized_mnist_test.amat"]  # 15,680,000 bytes
+    bomb = gzip_bomb(tmp_path / "binarized_mnist_test.amat.gz", 200 << 20)
+    assert bomb.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as e:
+            raw.read_file(bomb, spec)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{bomb}: decompresses to more than ")
+    assert f"{raw.size_cap(spec):,} bytes" in msg and spec.size < raw.size_cap(spec) < 17e6
+    assert peak < 3 * raw.size_cap(spec)  # stopped near the cap, not after 200 MB
+
+
+def test_oversized_plain_file_is_refused_unread(tmp_path):
+    spec = raw.RAW_FILES["t10k-labels-idx1-ubyte"]
+    big = tmp_path / "t10k-labels-idx1-ubyte"
+    with open(big, "wb") as f:  # sparse: 1 GB on paper, nothing on disk
+        f.truncate(1 << 30)
+    with pytest.raises(DataError, match=f"1,073,741,824 bytes, more than the "
+                                        f"{raw.size_cap(spec):,} this file may have"):
+        raw.read_file(big, spec)
+
+
+def test_a_file_exactly_at_its_size_is_read(tmp_path):
+    labels = (0x801).to_bytes(4, "big") + (10000).to_bytes(4, "big") + bytes(10000)
+    p = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    p.write_bytes(gzip.compress(labels))
+    arr, _ = raw.read_file(p, raw.RAW_FILES["t10k-labels-idx1-ubyte"], check_sha256=False)
+    assert arr.shape == (10000,)
+
+
 def test_missing_dir_and_missing_file(tmp_path):
     with pytest.raises(DataError, match=r"nope: raw data directory not found"):
         raw.locate_all(tmp_path / "nope")

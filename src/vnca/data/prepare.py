@@ -11,7 +11,8 @@ samples.
 
 All input is read and checked before anything is written; the outputs are written into a
 staging folder inside OUT and renamed into place, `dataset.npz` last, so a failed or
-interrupted run never leaves a `dataset.npz` that looks complete.
+interrupted run never leaves a `dataset.npz` that looks complete. The staging folder of a run
+that was killed (SIGKILL, a lost machine) is removed by the next run on the same OUT.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ GROUPS = {  # matched jointly: (binarized splits, MNIST reference split)
     "test": (("test",), "test"),
 }
 FIGURE_SEED = 0
+# Outputs are staged in OUT/.prepare-data-PID.partial and renamed into place.
+STAGE_PREFIX, STAGE_SUFFIX = ".prepare-data-", ".partial"
 
 
 def load_source(source: str, raw_dir=None, download: bool = False, tfds_dir=None,
@@ -146,6 +149,28 @@ def _summary_line(counts: dict, splits: dict, groups: dict) -> str:
     return text + (f"; {unresolved} rows unresolved" if unresolved else "")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_stages(out: Path) -> list[Path]:
+    """Remove the staging folders of earlier runs on `out` that were killed (their process is
+    gone); another live run's folder is left alone. Returns what was removed."""
+    removed = []
+    for stage in out.glob(f"{STAGE_PREFIX}*{STAGE_SUFFIX}"):
+        pid = stage.name[len(STAGE_PREFIX):-len(STAGE_SUFFIX)]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+            removed.append(stage)
+    return removed
+
+
 def prepare_data(source: str = "bundled", out_dir: str | os.PathLike = "data",
                  raw_dir: str | os.PathLike | None = None, download: bool = False,
                  tfds_dir: str | os.PathLike | None = None, *, k: int = 16, chunk: int = 512,
@@ -153,9 +178,7 @@ def prepare_data(source: str = "bundled", out_dir: str | os.PathLike = "data",
     """Read `source`, match labels, write the dataset artifact into `out_dir`; returns the
     match report (a dict, as written to `match_report.json`) with a one-line 'summary'."""
     t_start = time.perf_counter()
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: --out exists and is not a directory")
+    out = artifacts.check_out_dir(out_dir)
     data = load_source(source, raw_dir, download, tfds_dir, progress)
     t_read = time.perf_counter() - t_start
     arrays, sections = match_all(data, k=k, chunk=chunk, progress=progress)
@@ -193,7 +216,8 @@ def prepare_data(source: str = "bundled", out_dir: str | os.PathLike = "data",
     }
     try:
         out.mkdir(parents=True, exist_ok=True)
-        stage = out / f".prepare-data-{os.getpid()}.partial"
+        remove_stale_stages(out)
+        stage = out / f"{STAGE_PREFIX}{os.getpid()}{STAGE_SUFFIX}"
         if stage.exists():
             shutil.rmtree(stage)
         stage.mkdir()

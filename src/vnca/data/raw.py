@@ -115,18 +115,36 @@ def locate_all(raw_dir: str | os.PathLike) -> dict[str, Path]:
     return {name: locate(root, name) for name in READ_ORDER}
 
 
-def read_bytes(path: Path) -> bytes:
-    """File content, gunzipped when the name ends in `.gz`."""
+def size_cap(spec: RawFile) -> int:
+    """Most bytes a raw file may hold (decompressed): its published size and a little slack.
+    Reading stops there, so a gzip bomb costs neither the memory nor the time it asks for."""
+    return spec.size + spec.size // 64 + 4096
+
+
+def read_bytes(path: Path, limit: int | None = None) -> bytes:
+    """File content, gunzipped when the name ends in `.gz`. With `limit`, content longer than
+    `limit` bytes is a `DataError`, raised without reading or decompressing past the limit."""
     try:
-        data = path.read_bytes()
+        if path.suffix != ".gz":
+            size = path.stat().st_size
+            if limit is not None and size > limit:
+                raise DataError(f"{path}: {size:,} bytes, more than the {limit:,} this file "
+                                "may have")
+            return path.read_bytes()
+        out = bytearray()
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                out += chunk
+                if limit is not None and len(out) > limit:
+                    raise DataError(f"{path}: decompresses to more than {limit:,} bytes (the "
+                                    "file it should hold is smaller; a corrupt or wrong file)")
+        return bytes(out)
+    except DataError:
+        raise
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: truncated or corrupt gzip file ({_one_line(e)})") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({_one_line(e)})") from None
-    if path.suffix != ".gz":
-        return data
-    try:
-        return gzip.decompress(data)
-    except (EOFError, OSError, zlib.error) as e:  # BadGzipFile is an OSError
-        raise DataError(f"{path}: truncated or corrupt gzip file ({_one_line(e)})") from None
 
 
 def sha256_hex(data: bytes) -> str:
@@ -212,7 +230,7 @@ def parse_idx(data: bytes, path: Path, kind: str) -> np.ndarray:
 
 def read_file(path: Path, spec: RawFile, check_sha256: bool = True) -> tuple[np.ndarray, str]:
     """Read, parse and verify one raw file. Returns (array, sha256 of the decompressed content)."""
-    data = read_bytes(path)
+    data = read_bytes(path, size_cap(spec))
     if spec.kind == "amat":
         arr = parse_amat(data, path)
     else:
