@@ -69,6 +69,9 @@ def maybe_initialize(env: Mapping[str, str] | None = None) -> bool:
     args = cluster_from_env(os.environ if env is None else env)
     if args is None:
         return False
+    # CPU processes reduce over the network with gloo (XLA:CPU has no collectives across
+    # processes otherwise); TPU and GPU clients ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**args)
     _initialized = True
     return True
