@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from vnca.data.bundled_source import read_bundled
+from vnca.errors import DataError
 from vnca.evaluation import classifier
 
 
@@ -95,7 +96,23 @@ def test_weights_round_trip_without_pickle_and_bad_files_are_refused(digits, tmp
     np.testing.assert_array_equal(back.w1_DxU, w.w1_DxU)
     np.savez(tmp_path / "bad.npz", w1_DxU=np.zeros((10, 4)), b1_U=np.zeros(4),
              w2_UxL=np.zeros((4, 10)), b2_L=np.zeros(10), n_train=1, test_accuracy=0.5)
-    with pytest.raises(ValueError, match="not a 28x28 digit classifier"):
+    with pytest.raises(DataError, match="not a 28x28 digit classifier"):
         classifier.ClassifierWeights.load(tmp_path / "bad.npz")
+    # Damaged files are one line naming the file, never a zipfile/zlib traceback.
+    good = path.read_bytes()
+    arrays = dict(np.load(path))
+    damaged = {"not a zip": b"PK\x03\x04junk", "truncated": good[: len(good) // 2],
+               "zeroed": bytes(len(good))}
+    for name, (key, value) in {"nan": ("w1_DxU", np.full_like(w.w1_DxU, np.nan)),
+                               "ints": ("b2_L", np.zeros(10, np.int64)),
+                               "no w2": ("w2_UxL", None), "1-d": ("w1_DxU", np.zeros(3))}.items():
+        edited = {k: v for k, v in {**arrays, key: value}.items() if v is not None}
+        np.savez(tmp_path / "edit.npz", **edited)
+        damaged[name] = (tmp_path / "edit.npz").read_bytes()
+    for name, data in damaged.items():
+        (tmp_path / "bad.npz").write_bytes(data)
+        with pytest.raises(DataError) as e:
+            classifier.ClassifierWeights.load(tmp_path / "bad.npz")
+        assert "\n" not in str(e.value) and "bad.npz: unreadable digit classifier" in str(e.value)
     with pytest.raises(ValueError, match="square images"):
         classifier.pixels(np.zeros((2, 20, 20)))

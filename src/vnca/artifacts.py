@@ -197,6 +197,8 @@ def read_train_metrics(path: str | os.PathLike) -> list[dict]:
 def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     """Refuse, without creating anything, an output path that cannot become a writable
     directory: an existing non-directory, a file among its parents, or an unwritable parent."""
+    if not os.fspath(path):
+        raise UserError(f"{flag} is empty: name the output directory")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{path}: {flag} exists and is not a directory")

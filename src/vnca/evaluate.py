@@ -87,11 +87,7 @@ def _digit_classifier(data_dir) -> classifier.ClassifierWeights:
 
     path = Path(data_dir) / artifacts.DIGIT_CLASSIFIER
     if path.is_file():
-        try:
-            return classifier.ClassifierWeights.load(path)
-        except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"{path}: unreadable digit classifier ({e}); rerun "
-                            "`vnca prepare-data`") from None
+        return classifier.ClassifierWeights.load(path)
     x, y = load_split(data_dir, "train")
     x_t, y_t = load_split(data_dir, "test")
     return classifier.fit(x, y, seed=0, x_test_NxHxW=x_t, y_test_N=y_t)
@@ -154,6 +150,7 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
     if n_test == 0:
         raise DataError(f"{Path(data_dir) / artifacts.DATASET}: the test split is empty")
     x_N = pad_images(x_u8, cfg.data.pad_to)
+    digits = _digit_classifier(data_dir)  # every input is read and checked before any work
     out = artifacts.make_out_dir(out_dir)
     (out / artifacts.EVAL_METRICS).unlink(missing_ok=True)  # a finished run writes it last
 
@@ -218,7 +215,6 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
 
     # -- prior samples and reconstructions, judged by an independent digit classifier --------
     t0 = time.perf_counter()
-    digits = _digit_classifier(data_dir)
     metrics["classifier"] = {"kind": classifier.KIND,
                              "n_train": digits.n_train, "test_accuracy": digits.test_accuracy}
     k_z, k_dec, k_bin = jax.random.split(keys["samples"], 3)

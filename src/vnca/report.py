@@ -46,6 +46,8 @@ import os
 import re
 import secrets
 import shutil
+import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -205,7 +207,8 @@ def load_eval_dir(path: str | Path) -> EvalRun:
         try:
             with np.load(arrays_path, allow_pickle=False) as npz:
                 arrays = {k: np.asarray(npz[k]) for k in npz.files}
-        except (OSError, ValueError, EOFError) as e:  # corrupt: re-plots fall back to the PNGs
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+            # corrupt: the re-plots fall back to the evaluation's own PNGs
             unreadable[artifacts.EVAL_ARRAYS] = f"unreadable ({e.__class__.__name__})"
     return EvalRun(path=d, variant=variant, name=name or variant,
                    tier=read_tier(metrics), metrics=metrics,

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
+
+from vnca.errors import DataError
 
 HIDDEN_UNITS = 256
 L2_WEIGHT = 1e-3
@@ -50,13 +54,26 @@ class ClassifierWeights:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ClassifierWeights:
-        with np.load(path, allow_pickle=False) as f:
-            w = cls(w1_DxU=f["w1_DxU"], b1_U=f["b1_U"], w2_UxL=f["w2_UxL"], b2_L=f["b2_L"],
-                    n_train=int(f["n_train"]), test_accuracy=float(f["test_accuracy"]))
-        d, u = w.w1_DxU.shape
-        if d != IMAGE_SIDE**2 or w.b1_U.shape != (u,) or w.w2_UxL.shape != (u, N_LABELS) \
-                or w.b2_L.shape != (N_LABELS,):
-            raise ValueError(f"{path}: not a {IMAGE_SIDE}x{IMAGE_SIDE} digit classifier")
+        """The weights `save` wrote; anything else (corrupt, truncated, wrong arrays, NaN) is
+        one `DataError` line naming the file."""
+        def bad(why: str) -> DataError:
+            return DataError(f"{path}: unreadable digit classifier ({why}); rerun "
+                             "`vnca prepare-data`")
+
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                w = cls(w1_DxU=f["w1_DxU"], b1_U=f["b1_U"], w2_UxL=f["w2_UxL"], b2_L=f["b2_L"],
+                        n_train=int(f["n_train"]), test_accuracy=float(f["test_accuracy"]))
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile,
+                zlib.error) as e:
+            raise bad(" ".join(str(e).split()) or type(e).__name__) from None
+        arrays = (w.w1_DxU, w.b1_U, w.w2_UxL, w.b2_L)
+        u = w.b1_U.shape[0] if w.b1_U.ndim == 1 else -1
+        if (w.w1_DxU.shape != (IMAGE_SIDE**2, u) or w.w2_UxL.shape != (u, N_LABELS)
+                or w.b2_L.shape != (N_LABELS,)):
+            raise bad(f"not a {IMAGE_SIDE}x{IMAGE_SIDE} digit classifier")
+        if not all(np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() for a in arrays):
+            raise bad("weights are not all finite floats")
         return w
 
 

@@ -39,7 +39,11 @@ def load_model(model_dir: str | Path) -> tuple[config.Config, VAE, dict]:
         raise DataError(f"{params_path}: missing; training did not finish (rerun `vnca train` "
                         "with the same --out to resume)")
     try:
-        cfg = config.loads(cfg_path.read_text(), str(cfg_path))
+        text = cfg_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{cfg_path}: cannot read ({' '.join(str(e).split())})") from None
+    try:
+        cfg = config.loads(text, str(cfg_path))
     except ConfigError as e:
         raise DataError(f"{cfg_path}: not a config of this version of vnca ({e})") from None
     model = build_model(cfg)
@@ -57,6 +61,8 @@ def load_model(model_dir: str | Path) -> tuple[config.Config, VAE, dict]:
         raise DataError(f"{params_path}: parameters do not match the model in {cfg_path} "
                         "(trained for a different config?)")
     leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(raw)]
+    if not all(np.issubdtype(a.dtype, np.floating) for a in leaves):
+        raise DataError(f"{params_path}: parameters are not all floating-point arrays")
     bad = sum(int(np.size(a) - np.count_nonzero(np.isfinite(a))) for a in leaves)
     if bad:
         total = sum(int(np.size(a)) for a in leaves)
