@@ -175,6 +175,11 @@ def _print_dry_run(spec, params, project, region, pipeline_root, service_account
     width = max(len(n) for n in machines)
     for name, desc in machines.items():
         print(f"  {name:<{width}}  {desc}")
+    from vnca import plan
+
+    cfgs = [vnca_config.loads(v, name) for name, v in params.items() if name.startswith("config_")]
+    print("plan (estimated before the run, `vnca plan` for options):")
+    print(plan.format_plans([plan.make_plan(c, target) for c in cfgs]))
 
 
 def json_like(value) -> str:

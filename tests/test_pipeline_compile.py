@@ -145,6 +145,10 @@ def test_submit_dry_run_prints_parameters_and_machine_specs(capsys, monkeypatch)
         assert baked == config.load([CONFIG_DIR / f"{v.name}.yaml"], ["train.seed=7"])
     assert "  data_source: raw" in lines and "  download: true" in lines
     assert "region: europe-west4" in lines and "pipeline root: gs://bkt/vnca" in lines
+    plan = lines[lines.index("plan (estimated before the run, `vnca plan` for options):") + 1:]
+    assert plan[0].split()[:3] == ["variant", "params", "GFLOP/step"]
+    assert [row.split()[0] for row in plan[1:4]] == ["baseline", "doubling", "nondoubling"]
+    assert all("8 x TPU v5e" in row for row in plan[1:4]) and "chip-hours" in plan[4]
 
 
 @pytest.fixture

@@ -113,6 +113,18 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.pipeline import load_variants
+    from vnca import plan
+
+    if not 0 < args.utilisation <= 1:
+        raise UserError(f"--utilisation must be in (0, 1], got {args.utilisation}")
+    variants = load_variants(args.config or None, args.tier, args.overrides)
+    plans = [plan.make_plan(v.config, args.target, args.utilisation) for v in variants]
+    print(plan.format_plans(plans))
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.submit import submit
 
@@ -206,6 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="with --runner docker: image for every step "
                    "(default: the CPU image named in components/images.py)")
     p.set_defaults(func=cmd_run_local)
+
+    p = sub.add_parser("plan", help="what each variant's run will cost: FLOPs, memory, "
+                       "wall time and chip-hours on its machine", formatter_class=DefaultsFormatter)
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="variant configs (default: the three paper configs)")
+    p.add_argument("--tier", choices=["paper", "cpu", "demo", "smoke"], default="paper",
+                   help="the tier's overlay goes on each config, as in run-local")
+    p.add_argument("--target", choices=["vertex-tpu", "vertex-gpu"], default="vertex-tpu",
+                   help="the config's TPU slice or GPU machine")
+    p.add_argument("--utilisation", type=float, default=0.3,
+                   help="assumed share of the chips' peak matrix throughput")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value in every variant")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("submit", help="compile and submit the pipeline to Vertex AI",
                        formatter_class=DefaultsFormatter)
