@@ -113,6 +113,9 @@ def test_weights_round_trip_without_pickle_and_bad_files_are_refused(digits, tmp
         (tmp_path / "bad.npz").write_bytes(data)
         with pytest.raises(DataError) as e:
             classifier.ClassifierWeights.load(tmp_path / "bad.npz")
-        assert "\n" not in str(e.value) and "bad.npz: unreadable digit classifier" in str(e.value)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"{tmp_path / 'bad.npz'}: ")
+        assert "digit classifier" in msg
+        assert msg.endswith("rerun `vnca prepare-data`")
     with pytest.raises(ValueError, match="square images"):
         classifier.pixels(np.zeros((2, 20, 20)))

@@ -131,13 +131,19 @@ def test_malformed_dataset_is_one_data_error(tmp_path, bundled_out, key, fn, nee
     load_split(tmp_path, "train")  # the other splits are still fine
 
 
-@pytest.mark.parametrize("damage", ["truncated", "zeroed", "flipped"])
+@pytest.mark.parametrize("damage", ["truncated", "zeroed", "flipped", "plain npy"])
 def test_damaged_dataset_file_is_one_data_error(tmp_path, bundled_out, damage):
     data = (bundled_out / artifacts.DATASET).read_bytes()
     if damage == "truncated":
         data = data[: len(data) // 2]
     elif damage == "zeroed":
         data = bytes(len(data))
+    elif damage == "plain npy":  # np.load returns an array, not an archive
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((3, 28, 28), np.uint8))
+        data = buf.getvalue()
     else:  # corrupt the compressed bytes in the middle of the test images
         with zipfile.ZipFile(bundled_out / artifacts.DATASET) as z:
             info = z.getinfo("test_x.npy")
@@ -147,6 +153,28 @@ def test_damaged_dataset_file_is_one_data_error(tmp_path, bundled_out, damage):
     with pytest.raises(DataError, match="unreadable or corrupt dataset") as e:
         load_dataset(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_array_header_claiming_more_than_the_file_holds(tmp_path, bundled_out):
+    """A header claiming a 73 GB array made numpy try to allocate it (MemoryError)."""
+    import io
+
+    from numpy.lib import format as npy_format
+
+    arrays = load_dataset(bundled_out)
+    with zipfile.ZipFile(tmp_path / artifacts.DATASET, "w") as z:
+        for key, arr in arrays.items():
+            buf = io.BytesIO()
+            if key == "test_x":
+                npy_format.write_array_header_1_0(
+                    buf, {"descr": "|u1", "fortran_order": False, "shape": (10**8, 28, 28)})
+                buf.write(bytes(100))
+            else:
+                npy_format.write_array(buf, arr)
+            z.writestr(f"{key}.npy", buf.getvalue())
+    with pytest.raises(DataError, match=r"test_x is corrupt \(its header claims 78,400,000,000"):
+        load_split(tmp_path, "test")
+    assert len(load_split(tmp_path, "valid")[0]) == 500
 
 
 def test_pad_images():

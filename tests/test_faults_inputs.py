@@ -197,10 +197,10 @@ CASES = {
         "test_mnist_index must be integers"),
     "evaluate/classifier-not-zip": (lambda i, t: evaluate_args(
         i, t, data=data_with(i, t, artifacts.DIGIT_CLASSIFIER, b"PK\x03\x04junk")),
-        "unreadable digit classifier"),
+        "unreadable or corrupt digit classifier"),
     "evaluate/classifier-truncated": (lambda i, t: evaluate_args(
         i, t, data=data_with(i, t, artifacts.DIGIT_CLASSIFIER, half)),
-        "unreadable digit classifier"),
+        "unreadable or corrupt digit classifier"),
     # evaluate: --out
     "evaluate/out-is-file": (lambda i, t: evaluate_args(i, t, out=i["afile"]),
                              "not a directory"),

@@ -223,3 +223,54 @@ def make_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     except OSError as e:
         raise UserError(f"{path}: cannot write {flag} ({e.strerror or e})") from None
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# .npz artifacts (dataset.npz, digit_classifier.npz, arrays.npz): numpy archives, no pickle.
+
+
+def read_npz(path: str | os.PathLike, keys=None, what: str = "archive") -> dict:
+    """Arrays `keys` (all when None) of a numpy .npz, loaded without pickle. Each array's
+    header is checked against the size of its zip member before numpy allocates what the
+    header claims; a missing array or a corrupt file is one `DataError` line naming `path`."""
+    import zipfile
+    import zlib
+
+    import numpy as np
+
+    path = Path(path)
+    out = {}
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):  # a plain .npy file
+            raise DataError(f"{path}: unreadable or corrupt {what} (not a .npz archive)")
+        with npz:
+            for key in npz.files if keys is None else keys:
+                if key not in npz.files:
+                    raise DataError(f"{path}: missing array {key!r} (an incomplete {what})")
+                _check_member_size(npz, key, path)
+                out[key] = npz[key]
+    except DataError:
+        raise
+    except MemoryError:
+        raise DataError(f"{path}: an array is too large to load (corrupt {what}?)") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{path}: unreadable or corrupt {what} ({msg})") from None
+    return out
+
+
+def _check_member_size(npz, key: str, path: Path) -> None:
+    from numpy.lib import format as npy_format
+
+    info = npz.zip.getinfo(f"{key}.npy")
+    with npz.zip.open(info) as f:
+        version = npy_format.read_magic(f)
+        read_header = (npy_format.read_array_header_1_0 if version == (1, 0)
+                       else npy_format.read_array_header_2_0)
+        shape, _, dtype = read_header(f, max_header_size=1 << 16)
+        claimed = math.prod(shape) * dtype.itemsize
+        held = info.file_size - f.tell()
+    if claimed > held:
+        raise DataError(f"{path}: {key} is corrupt (its header claims {claimed:,} bytes, the "
+                        f"file holds {held:,})")

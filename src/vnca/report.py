@@ -46,8 +46,6 @@ import os
 import re
 import secrets
 import shutil
-import zipfile
-import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -205,11 +203,9 @@ def load_eval_dir(path: str | Path) -> EvalRun:
     arrays_path = d / artifacts.EVAL_ARRAYS
     if arrays_path.is_file():
         try:
-            with np.load(arrays_path, allow_pickle=False) as npz:
-                arrays = {k: np.asarray(npz[k]) for k in npz.files}
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-            # corrupt: the re-plots fall back to the evaluation's own PNGs
-            unreadable[artifacts.EVAL_ARRAYS] = f"unreadable ({e.__class__.__name__})"
+            arrays = artifacts.read_npz(arrays_path, what="arrays file")
+        except DataError as e:  # corrupt: the re-plots fall back to the evaluation's own PNGs
+            unreadable[artifacts.EVAL_ARRAYS] = str(e).removeprefix(f"{arrays_path}: ")
     return EvalRun(path=d, variant=variant, name=name or variant,
                    tier=read_tier(metrics), metrics=metrics,
                    figures=figures, unreadable=unreadable, arrays=arrays)

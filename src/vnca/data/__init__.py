@@ -11,13 +11,11 @@ Shapes: N images, H = W = 28 stored, P = pad_to.
 from __future__ import annotations
 
 import os
-import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from vnca.artifacts import DATASET, SPLITS
+from vnca.artifacts import DATASET, SPLITS, read_npz
 from vnca.errors import ConfigError, DataError
 
 __all__ = ["DATASET", "SPLITS", "check_split", "load_dataset", "load_split", "pad_images"]
@@ -46,21 +44,11 @@ def load_dataset(data_dir: str | os.PathLike, splits=SPLITS) -> dict[str, np.nda
     path = Path(data_dir) / DATASET
     if not path.is_file():
         raise DataError(f"{path}: dataset not found (run `vnca prepare-data --out {data_dir}`)")
-    out = {}
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            for split in splits:
-                if split not in SPLITS:
-                    raise DataError(f"{path}: unknown split {split!r} (expected one of {SPLITS})")
-                for key in (f"{split}_x", f"{split}_y", f"{split}_mnist_index"):
-                    if key not in npz.files:
-                        raise DataError(f"{path}: missing array {key!r}")
-                    out[key] = npz[key]
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        raise DataError(f"{path}: unreadable or corrupt dataset ({msg})") from None
+    for split in splits:
+        if split not in SPLITS:
+            raise DataError(f"{path}: unknown split {split!r} (expected one of {SPLITS})")
+    keys = [f"{split}_{k}" for split in splits for k in ("x", "y", "mnist_index")]
+    out = read_npz(path, keys, "dataset")
     for split in splits:
         check_split(path, split, out[f"{split}_x"], out[f"{split}_y"],
                     out[f"{split}_mnist_index"])

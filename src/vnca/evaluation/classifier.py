@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 
+from vnca.artifacts import read_npz
 from vnca.errors import DataError
 
 HIDDEN_UNITS = 256
@@ -57,16 +56,18 @@ class ClassifierWeights:
         """The weights `save` wrote; anything else (corrupt, truncated, wrong arrays, NaN) is
         one `DataError` line naming the file."""
         def bad(why: str) -> DataError:
-            return DataError(f"{path}: unreadable digit classifier ({why}); rerun "
+            return DataError(f"{path}: unreadable or corrupt digit classifier ({why}); rerun "
                              "`vnca prepare-data`")
 
         try:
-            with np.load(path, allow_pickle=False) as f:
-                w = cls(w1_DxU=f["w1_DxU"], b1_U=f["b1_U"], w2_UxL=f["w2_UxL"], b2_L=f["b2_L"],
-                        n_train=int(f["n_train"]), test_accuracy=float(f["test_accuracy"]))
-        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile,
-                zlib.error) as e:
-            raise bad(" ".join(str(e).split()) or type(e).__name__) from None
+            f = read_npz(path, ("w1_DxU", "b1_U", "w2_UxL", "b2_L", "n_train", "test_accuracy"),
+                         "digit classifier")
+            w = cls(w1_DxU=f["w1_DxU"], b1_U=f["b1_U"], w2_UxL=f["w2_UxL"], b2_L=f["b2_L"],
+                    n_train=int(f["n_train"]), test_accuracy=float(f["test_accuracy"]))
+        except DataError as e:
+            raise DataError(f"{e}; rerun `vnca prepare-data`") from None
+        except (TypeError, ValueError) as e:  # n_train / test_accuracy not scalars
+            raise bad(" ".join(str(e).split())) from None
         arrays = (w.w1_DxU, w.b1_U, w.w2_UxL, w.b2_L)
         u = w.b1_U.shape[0] if w.b1_U.ndim == 1 else -1
         if (w.w1_DxU.shape != (IMAGE_SIDE**2, u) or w.w2_UxL.shape != (u, N_LABELS)
