@@ -466,7 +466,7 @@ def _train(cfg: Config, x_train: np.ndarray, x_valid: np.ndarray, out: Path, dev
         raise ConfigError(f"{ckpt.directory}: holds step {latest}, past "
                           f"train.steps={tc.steps}; use a new --out or more steps")
     if latest == tc.steps and params_path.is_file() and summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+        summary = artifacts.read_train_summary(summary_path)
         if summary.get("steps") == tc.steps:
             return summary  # finished already: nothing to do
     if main:
