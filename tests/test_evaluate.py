@@ -66,7 +66,7 @@ def _reference_bound(model, params, x_HxWx1, index, key, k, chunk=None):
         logits = np.asarray(model.decode(params, z_KxZ, k_dec, eval_mode=True), np.float64)
     else:
         k_t, k_grow = jax.random.split(k_dec)
-        n_steps = int(model.sample_n_steps(k_t, eval_mode=True))
+        n_steps = int(model.sample_n_steps(k_t, eval_mode=True).n)
         keys = jax.random.split(k_grow, k // chunk)
         logits = np.concatenate([np.asarray(model.decode(
             params, z_KxZ[c * chunk:(c + 1) * chunk], keys[c], n_steps=n_steps, eval_mode=True))

@@ -118,12 +118,18 @@ def test_step_count_range_inclusive_or_not(inclusive, top_seen):
 def test_damage_zeroes_a_square_in_the_chosen_rows_only():
     s = jnp.ones((3, 28, 28, 4))
     rows = jnp.array([True, False, True])
-    d = nca.damage_square(s, jax.random.key(0), 14, rows)
+    top_B, left_B = nca.random_square(jax.random.key(0), 3, 28, 28, 14)
+    d = nca.damage_square(s, top_B, left_B, 14, rows)
     zero_cells = (d == 0).all(-1).sum(axis=(1, 2))
     np.testing.assert_array_equal(zero_cells, [14 * 14, 0, 14 * 14])
     for b in (0, 2):
         ys, xs = np.nonzero(np.asarray((d[b] == 0).all(-1)))
         assert ys.max() - ys.min() == 13 and xs.max() - xs.min() == 13
+        assert (ys.min(), xs.min()) == (int(top_B[b]), int(left_B[b]))
+    # a fixed position for every row (evaluation's centred square)
+    c = nca.damage_square(s, 7, 7, 14)
+    np.testing.assert_array_equal(np.asarray((c == 0).all(-1))[1, 7:21, 7:21], True)
+    assert int((c == 0).all(-1).sum()) == 3 * 14 * 14
 
 
 @pytest.mark.parametrize("variant", ["baseline", "doubling", "nondoubling"])

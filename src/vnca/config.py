@@ -254,16 +254,20 @@ def _merge(base: dict, new: dict, source: str, sources: dict[str, str], prefix: 
             base[key] = value
             sources[full] = source
             if isinstance(value, dict):
-                for sub in _flat_keys(value, f"{full}."):
+                for sub in flatten(value, f"{full}.", sections=True):
                     sources[sub] = source
 
 
-def _flat_keys(d: dict, prefix: str) -> list[str]:
-    out = []
+def flatten(d: dict, prefix: str = "", sections: bool = False) -> dict[str, Any]:
+    """{'a.b.c': value} of a nested dict's leaves (and, with `sections`, of its sections)."""
+    out: dict[str, Any] = {}
     for k, v in d.items():
-        out.append(f"{prefix}{k}")
         if isinstance(v, dict):
-            out.extend(_flat_keys(v, f"{prefix}{k}."))
+            if sections:
+                out[f"{prefix}{k}"] = v
+            out.update(flatten(v, f"{prefix}{k}.", sections))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 

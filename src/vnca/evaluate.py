@@ -33,17 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from vnca import artifacts, config, reference, rng
+from vnca import artifacts, config, contracts, reference, rng
 from vnca.errors import ConfigError, DataError
 from vnca.evaluation import classifier
+from vnca.fileio import atomic_path, write_atomic
 
 # Keys an evaluation may override besides the eval section: how many steps the non-doubling
 # model takes at test time (R: 36; O: drawn as in training) and how convolutions are computed
 # (the same math, e.g. `auto` again for a model trained on another backend). Anything else
 # would change the model.
 OVERRIDABLE_MODEL_KEYS = ("model.eval_steps", "model.conv_algorithm")
-KEY_PURPOSES = ("shuffle", "iwelbo", "samples", "reconstructions", "growth", "damage", "probe",
-                "interpolation")
 GROWTH_EXAMPLES = 8
 DECODE_BATCH = 64  # latents decoded together for samples and reconstructions
 DAMAGE_FIGURE_IMAGES = 8
@@ -78,23 +77,17 @@ def _digit_classifier(data_dir) -> classifier.ClassifierWeights:
 
 
 def eval_keys(seed: int) -> dict:
-    """One independent key per purpose, from `jax.random.key(seed)`."""
-    import jax
-
-    root = jax.random.key(seed)
-    return dict(zip(KEY_PURPOSES, jax.random.split(root, len(KEY_PURPOSES))))
+    """One independent key per measurement (`rng.EVAL_PURPOSES`), from `key(seed)`."""
+    return rng.named_keys(seed, rng.EVAL_PURPOSES)
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
 
 
 def _write_npz(arrays: dict, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
 
 
 def _knn_accuracy(points_NxD: np.ndarray, labels_N: np.ndarray, k: int) -> float:
@@ -359,9 +352,10 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
     metrics["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     metrics["figures"] = sorted(f for f in artifacts.EVAL_FIGURES if (out / f).is_file())
     _write_npz(arrays, out / artifacts.EVAL_ARRAYS)
-    metrics = _jsonable(metrics)
-    _write_json(metrics, out / artifacts.EVAL_METRICS)
-    return metrics
+    path = out / artifacts.EVAL_METRICS
+    result = contracts.EvalMetrics.from_dict(_jsonable(metrics), str(path))
+    result.write(path)
+    return result.to_dict()
 
 
 def _jsonable(obj):

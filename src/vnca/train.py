@@ -47,10 +47,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vnca import artifacts, config, distributed, losses, pool, rng
+from vnca import artifacts, config, contracts, distributed, losses, pool, rng
 from vnca.checkpoint import Checkpointer, RunLock
 from vnca.config import Config
-from vnca.errors import ConfigError, UserError
+from vnca.errors import ConfigError, DataError, UserError
+from vnca.fileio import write_atomic
 from vnca.models import build_model, count_params
 from vnca.models.vae import VAE, resolve_backend
 
@@ -109,8 +110,7 @@ def pool_loss(model: VAE, cfg: Config, params: dict, x_BxHxWx1: jax.Array, pool_
     z_BxZ = model.sample_z(mean_BxZ, std_BxZ, k_z)
     s_BxHxWxC = jnp.where(use_B[:, None, None, None], fed["states"], model.seed(z_BxZ))
     s_BxHxWxC = model.damage(s_BxHxWxC, k_damage, pool.damage_rows(b, n_pool, n_damage, use_B))
-    s_BxHxWxC = model.grow(params, s_BxHxWxC, k_grow, model.sample_n_steps(k_t),
-                           min_steps=model.steps_floor())
+    s_BxHxWxC = model.grow(params, s_BxHxWxC, k_grow, model.sample_n_steps(k_t))
     log_px_B = losses.bernoulli_loglik(model.to_logits(s_BxHxWxC), x_BxHxWx1[..., 0])
     loss, metrics = _mean_terms(log_px_B, losses.gaussian_kl(mean_BxZ, std_BxZ), cfg.train.beta)
     metrics["pool_rows"] = jnp.sum(use_B).astype(jnp.float32)
@@ -215,22 +215,6 @@ class DataOrder:
 # Host side: files, checkpoints, the loop.
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _check_resumable(text: str, source: str, cfg: Config) -> None:
     """The run whose config is `text` must match `cfg` except in RESUMABLE_KEYS."""
     path = source
@@ -238,7 +222,7 @@ def _check_resumable(text: str, source: str, cfg: Config) -> None:
         old = config.loads(text, source)
     except ConfigError as e:
         raise ConfigError(f"{path}: cannot read the config of the run in this directory ({e})")
-    a, b = _flat(config.to_dict(old)), _flat(config.to_dict(cfg))
+    a, b = config.flatten(config.to_dict(old)), config.flatten(config.to_dict(cfg))
     diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
             and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)]
     if diff:
@@ -257,7 +241,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:  # a line cut by a kill
             continue
-    _write_atomic(path, "".join(f"{line}\n" for line in keep))
+    write_atomic(path, "".join(f"{line}\n" for line in keep))
 
 
 def _host_tree(tree):
@@ -466,11 +450,14 @@ def _train(cfg: Config, x_train: np.ndarray, x_valid: np.ndarray, out: Path, dev
         raise ConfigError(f"{ckpt.directory}: holds step {latest}, past "
                           f"train.steps={tc.steps}; use a new --out or more steps")
     if latest == tc.steps and params_path.is_file() and summary_path.is_file():
-        summary = artifacts.read_train_summary(summary_path)
-        if summary.get("steps") == tc.steps:
-            return summary  # finished already: nothing to do
+        try:
+            finished_run = contracts.TrainSummary.read(summary_path)
+        except DataError:  # unreadable or of an older version: the run below rewrites it
+            finished_run = None
+        if finished_run is not None and finished_run.steps == tc.steps:
+            return finished_run.to_dict()  # finished already: nothing to do
     if main:
-        _write_atomic(cfg_path, config.dump(cfg))  # the resolved config, before step 0
+        write_atomic(cfg_path, config.dump(cfg))  # the resolved config, before step 0
 
     model = build_model(cfg)
     keys = rng.named_keys(tc.seed)
@@ -607,25 +594,22 @@ def _train(cfg: Config, x_train: np.ndarray, x_valid: np.ndarray, out: Path, dev
     finally:
         bar.close()
     wall = elapsed0 + time.time() - t_segment
-    summary = {
-        "variant": cfg.model.variant, "name": cfg.name, "steps": tc.steps,
-        "wall_time_s": wall, "hardware": hardware,
-        "n_devices": len(devices), "n_processes": jax.process_count(), "smoke": cfg.smoke,
-        "tier": cfg.tier,
-        "param_count": count_params(abstract["params"]), "final_loss": final_loss,
-        "batch_size": tc.batch_size, "train_split": tc.train_split, "resumed_from_step": start,
-    }
+    summary = contracts.TrainSummary(
+        variant=cfg.model.variant, name=cfg.name, steps=tc.steps, wall_time_s=wall,
+        hardware=hardware, n_devices=len(devices), n_processes=jax.process_count(),
+        smoke=cfg.smoke, tier=cfg.tier, param_count=count_params(abstract["params"]),
+        final_loss=final_loss, batch_size=tc.batch_size, train_split=tc.train_split,
+        resumed_from_step=start)
     if main:
         from vnca.models.model_io import save_params
 
         save_params(params_path, _host_tree(state["params"]))
-        _write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
-    return summary
+        summary.write(summary_path)
+    return summary.to_dict()
 
 
 def _append_jsonl(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    contracts.append_train_record(path, contracts.train_record(rec, str(path)))
 
 
 def _validator(model: VAE, cfg: Config, x_valid: np.ndarray, key: jax.Array, mesh,

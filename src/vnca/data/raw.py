@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from vnca.errors import DataError
+from vnca.fileio import atomic_path
 
 AMAT_LINE_BYTES = 1568  # 784 values '0'/'1', each followed by ' ' or (last) '\n'
 IMAGE_SIDE = 28
@@ -272,19 +273,14 @@ def read_raw(raw_dir: str | os.PathLike) -> RawData:
 
 
 def _fetch(url: str, dest: Path, timeout: float) -> None:
-    tmp = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+        with (atomic_path(dest) as tmp, urllib.request.urlopen(url, timeout=timeout) as r,
+              open(tmp, "wb") as f):
             while chunk := r.read(1 << 20):
                 f.write(chunk)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        tmp.unlink(missing_ok=True)
         reason = getattr(e, "reason", e)
         raise DataError(f"{url}: download into {dest.parent} failed ({_one_line(reason)})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, dest)
 
 
 def download_raw(raw_dir: str | os.PathLike, timeout: float = 60.0) -> list[Path]:

@@ -67,8 +67,7 @@ def decode_samples(model: VAE, params: dict, z_KxZ: jax.Array, key: jax.Array,
     keys_C = jax.random.split(k_grow, k // chunk)
     z_CxJxZ = z_KxZ.reshape(k // chunk, chunk, z_KxZ.shape[-1])
     logits = jax.lax.map(
-        lambda a: model.decode(params, a[0], a[1], n_steps=n_steps, eval_mode=True,
-                               min_steps=model.steps_floor(eval_mode=True)),
+        lambda a: model.decode(params, a[0], a[1], n_steps=n_steps, eval_mode=True),
         (z_CxJxZ, keys_C))
     return logits.reshape(k, *logits.shape[2:])
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import numpy as np
 
 from vnca.artifacts import read_npz
 from vnca.errors import DataError
+from vnca.fileio import atomic_path
 
 HIDDEN_UNITS = 256
 L2_WEIGHT = 1e-3
@@ -45,11 +45,10 @@ class ClassifierWeights:
     test_accuracy: float  # on the dataset's real test images (nan if it has none)
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, w1_DxU=self.w1_DxU, b1_U=self.b1_U, w2_UxL=self.w2_UxL, b2_L=self.b2_L,
-                 n_train=np.int64(self.n_train), test_accuracy=np.float64(self.test_accuracy))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, w1_DxU=self.w1_DxU, b1_U=self.b1_U, w2_UxL=self.w2_UxL,
+                     b2_L=self.b2_L, n_train=np.int64(self.n_train),
+                     test_accuracy=np.float64(self.test_accuracy))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ClassifierWeights:

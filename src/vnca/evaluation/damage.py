@@ -34,22 +34,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vnca import losses
+from vnca.models import nca
 from vnca.models.vae import VAE
 
 
 def centred_square(n: int, size: int) -> tuple[int, int]:
     """(top, left) of a size x size square centred on an n x n grid."""
     return (n - size) // 2, (n - size) // 2
-
-
-def damage_square_at(s_BxHxWxC: jax.Array, top: int, left: int, size: int) -> jax.Array:
-    """Zero every channel of the cells in rows [top, top+size) and columns [left, left+size)."""
-    _, h, w, _ = s_BxHxWxC.shape
-    ys, xs = jnp.arange(h), jnp.arange(w)
-    in_y = (ys >= top) & (ys < top + size)
-    in_x = (xs >= left) & (xs < left + size)
-    hole_HxW = in_y[:, None] & in_x[None, :]
-    return jnp.where(hole_HxW[None, :, :, None], 0.0, s_BxHxWxC)
 
 
 def image_damage_run(model: VAE, params: dict, x_HxWx1: jax.Array, mean_Z: jax.Array,
@@ -63,7 +54,7 @@ def image_damage_run(model: VAE, params: dict, x_HxWx1: jax.Array, mean_Z: jax.A
     s0 = model.seed(z_1xZ)
     s_pre, pre_Dx1xHxWxC = model.grow(params, s0, k_pre, damage_at, record=True,
                                       max_steps=damage_at)
-    s_hit = damage_square_at(s_pre, top, left, model.cfg.damage_size)
+    s_hit = nca.damage_square(s_pre, top, left, model.cfg.damage_size)
     _, kept_Rx1xHxWxC = model.grow(params, s_pre, k_post, recovery_steps, record=True,
                                    max_steps=recovery_steps)
     _, hit_Rx1xHxWxC = model.grow(params, s_hit, k_post, recovery_steps, record=True,

@@ -10,13 +10,14 @@ at least 10 points, and titles wrap to the figure's width instead of being clipp
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from vnca.fileio import atomic_path
 
 CMAP = "gray"
 DPI = 100
@@ -33,10 +34,9 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
     return path
 
 

@@ -149,6 +149,6 @@ def growth(model: VAE, params: dict, z_BxZ: np.ndarray, key: jax.Array) -> np.nd
     k_t, k_grow = jax.random.split(key)
     n_steps = None
     if model.variant == "nondoubling":
-        n_steps = int(model.sample_n_steps(k_t, eval_mode=True))
+        n_steps = int(model.sample_n_steps(k_t, eval_mode=True).n)
     fn = jax.jit(lambda p, z, k: model.growth_stages(p, z, k, n_steps=n_steps))
     return np.asarray(fn(params, jnp.asarray(z_BxZ, jnp.float32), k_grow))

@@ -32,10 +32,7 @@ def image_final_state(model: VAE, params: dict, mean_Z: jax.Array, std_Z: jax.Ar
     """Final state `HxWxC` of one image's reconstruction, grown as `VAE.decode` grows it."""
     k_z, k_dec = jax.random.split(key)
     z_1xZ = (mean_Z + std_Z * jax.random.normal(k_z, mean_Z.shape, mean_Z.dtype))[None]
-    k_t, k_grow = jax.random.split(k_dec)
-    n_steps = model.sample_n_steps(k_t, eval_mode=True)
-    return model.grow(params, model.seed(z_1xZ), k_grow, n_steps,
-                      min_steps=model.steps_floor(eval_mode=True))[0]
+    return model.final_state(params, z_1xZ, k_dec, eval_mode=True)[0]
 
 
 def final_state_batch(model: VAE, params: dict, x_BxHxWx1: jax.Array, index_B: jax.Array,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
@@ -11,15 +10,13 @@ from flax import serialization
 
 from vnca import artifacts, config
 from vnca.errors import ConfigError, DataError
+from vnca.fileio import write_atomic
 from vnca.models.vae import VAE, build_model
 
 
 def save_params(path: str | Path, params) -> None:
     """Write params atomically: a temporary file renamed into place."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(serialization.to_bytes(jax.device_get(params)))
-    os.replace(tmp, path)
+    write_atomic(path, serialization.to_bytes(jax.device_get(params)))
 
 
 def load_model(model_dir: str | Path) -> tuple[config.Config, VAE, dict]:

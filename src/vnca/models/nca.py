@@ -125,14 +125,22 @@ def grow(update: UpdateFn, s_BxHxWxC: jax.Array, key: jax.Array, n_steps: jax.Ar
     return s, jnp.concatenate(stages, axis=0)
 
 
-def damage_square(s_BxHxWxC: jax.Array, key: jax.Array, size: int,
-                  rows_B: jax.Array | None = None) -> jax.Array:
-    """Set a size x size square of cells (all channels) to zero, at a uniformly drawn position
-    per row; only rows where `rows_B` is true are damaged (all rows if None)."""
-    b, h, w, _ = s_BxHxWxC.shape
+def random_square(key: jax.Array, b: int, h: int, w: int, size: int):
+    """(top_B, left_B): a uniformly drawn position per row of a size x size square in h x w."""
     ky, kx = jax.random.split(key)
-    top_B = jax.random.randint(ky, (b,), 0, h - size + 1)
-    left_B = jax.random.randint(kx, (b,), 0, w - size + 1)
+    return (jax.random.randint(ky, (b,), 0, h - size + 1),
+            jax.random.randint(kx, (b,), 0, w - size + 1))
+
+
+def damage_square(s_BxHxWxC: jax.Array, top_B: jax.Array, left_B: jax.Array, size: int,
+                  rows_B: jax.Array | None = None) -> jax.Array:
+    """Set a size x size square of cells (all channels) to zero at (top, left) per row (arrays
+    [B], or scalars for every row); only rows where `rows_B` is true are damaged (all if
+    None). Damage in training (`VAE.damage`: random positions) and in evaluation
+    (`vnca.evaluation.damage`: the centred square) is this one function."""
+    b, h, w, _ = s_BxHxWxC.shape
+    top_B = jnp.broadcast_to(jnp.asarray(top_B), (b,))
+    left_B = jnp.broadcast_to(jnp.asarray(left_B), (b,))
     ys, xs = jnp.arange(h), jnp.arange(w)
     in_y = (ys[None, :] >= top_B[:, None]) & (ys[None, :] < top_B[:, None] + size)
     in_x = (xs[None, :] >= left_B[:, None]) & (xs[None, :] < left_B[:, None] + size)

@@ -11,6 +11,7 @@ The Bernoulli logits are channel 0 of the final NCA state (every MNIST model of 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,15 @@ from vnca.models import nca
 from vnca.models.baseline import BaselineDecoder
 from vnca.models.encoder import Encoder
 from vnca.models.layers import resolve_algorithm
+
+
+class DrawnSteps(NamedTuple):
+    """A drawn NCA step count `n` (traced) and `floor`, the least value it can take (static):
+    `grow` runs the first `floor` steps without the per-step `lax.cond` whose operands XLA
+    copies at every step, so the floor travels with the count and no caller can forget it."""
+
+    n: jax.Array
+    floor: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,29 +102,30 @@ class VAE:
     def max_steps(self) -> int:
         return max_nca_steps(self.cfg)
 
-    def sample_n_steps(self, key: jax.Array, eval_mode: bool = False) -> jax.Array:
+    def sample_n_steps(self, key: jax.Array, eval_mode: bool = False) -> DrawnSteps:
         """Step count T of the non-doubling model: drawn from the training range, or the fixed
-        `eval_steps` at evaluation when the config sets one (R: 36; O: null, i.e. drawn)."""
+        `eval_steps` at evaluation when the config sets one (R: 36; O: null, i.e. drawn); with
+        the least value it can take, which `grow` runs without a per-step cond."""
         c = self.cfg
         if eval_mode and c.eval_steps is not None:
-            return jnp.asarray(c.eval_steps, jnp.int32)
-        return nca.sample_n_steps(key, c.min_steps, c.max_steps, c.steps_inclusive)
+            return DrawnSteps(jnp.asarray(c.eval_steps, jnp.int32), c.eval_steps)
+        return DrawnSteps(nca.sample_n_steps(key, c.min_steps, c.max_steps, c.steps_inclusive),
+                          c.min_steps)
 
-    def steps_floor(self, eval_mode: bool = False) -> int:
-        """The least T that `sample_n_steps(key, eval_mode)` returns."""
-        c = self.cfg
-        return c.eval_steps if eval_mode and c.eval_steps is not None else c.min_steps
-
-    def grow(self, params: dict, s_BxHxWxC: jax.Array, key: jax.Array, n_steps,
-             record: bool = False, max_steps: int | None = None, min_steps: int = 0):
-        """Non-doubling growth: `n_steps` NCA steps from the given state (`min_steps`: a static
-        lower bound on a traced `n_steps`, e.g. `steps_floor()` for a drawn T)."""
-        return nca.grow(self._update(params), s_BxHxWxC, key, n_steps,
+    def grow(self, params: dict, s_BxHxWxC: jax.Array, key: jax.Array,
+             n_steps: int | DrawnSteps, record: bool = False, max_steps: int | None = None):
+        """Non-doubling growth: `n_steps` NCA steps from the given state (a static int, or a
+        drawn T from `sample_n_steps`)."""
+        n, floor = n_steps if isinstance(n_steps, DrawnSteps) else (n_steps, 0)
+        return nca.grow(self._update(params), s_BxHxWxC, key, n,
                         max_steps or max(self.max_steps, self.cfg.eval_steps or 0),
-                        self.cfg.update_prob, self.cfg.remat, record, min_steps)
+                        self.cfg.update_prob, self.cfg.remat, record, floor)
 
     def damage(self, s_BxHxWxC: jax.Array, key: jax.Array, rows_B: jax.Array | None = None):
-        return nca.damage_square(s_BxHxWxC, key, self.cfg.damage_size, rows_B)
+        """Training damage: a `model.damage_size` square at a random position per row."""
+        b, h, w, _ = s_BxHxWxC.shape
+        top_B, left_B = nca.random_square(key, b, h, w, self.cfg.damage_size)
+        return nca.damage_square(s_BxHxWxC, top_B, left_B, self.cfg.damage_size, rows_B)
 
     @staticmethod
     def to_logits(s_BxHxWxC: jax.Array) -> jax.Array:
@@ -137,21 +148,24 @@ class VAE:
         return s, stages
 
     # -- decoder -----------------------------------------------------------------------------
-    def decode(self, params: dict, z_BxZ: jax.Array, key: jax.Array, n_steps=None,
-               eval_mode: bool = False, min_steps: int = 0) -> jax.Array:
-        """Bernoulli logits of p(x|z), `BxHxW` (`min_steps`: a static lower bound on a given
-        traced `n_steps`; a drawn one has `steps_floor(eval_mode)`)."""
-        if self.variant == "baseline":
-            return self._decoder().apply({"params": params["decoder"]}, z_BxZ)
+    def final_state(self, params: dict, z_BxZ: jax.Array, key: jax.Array,
+                    n_steps: int | DrawnSteps | None = None, eval_mode: bool = False):
+        """The NCA's final state `BxHxWxC` for latents z: the doubling growth from `key`, or
+        the non-doubling growth for `n_steps` (default: T drawn from `key`'s first half)."""
         if self.variant == "doubling":
             s, _ = self._grow_doubling(params, z_BxZ, key, record=False)
-            return self.to_logits(s)
+            return s
         k_t, k_grow = jax.random.split(key)
-        floor = min_steps
         if n_steps is None:
-            n_steps, floor = self.sample_n_steps(k_t, eval_mode), self.steps_floor(eval_mode)
-        return self.to_logits(self.grow(params, self.seed(z_BxZ), k_grow, n_steps,
-                                        min_steps=floor))
+            n_steps = self.sample_n_steps(k_t, eval_mode)
+        return self.grow(params, self.seed(z_BxZ), k_grow, n_steps)
+
+    def decode(self, params: dict, z_BxZ: jax.Array, key: jax.Array,
+               n_steps: int | DrawnSteps | None = None, eval_mode: bool = False) -> jax.Array:
+        """Bernoulli logits of p(x|z), `BxHxW`."""
+        if self.variant == "baseline":
+            return self._decoder().apply({"params": params["decoder"]}, z_BxZ)
+        return self.to_logits(self.final_state(params, z_BxZ, key, n_steps, eval_mode))
 
     def growth_stages(self, params: dict, z_BxZ: jax.Array, key: jax.Array, n_steps=None,
                       eval_mode: bool = True) -> jax.Array:
@@ -173,13 +187,12 @@ class VAE:
             raise ValueError("growth stages exist only for the NCA variants")
         k_t, k_grow = jax.random.split(key)
         if n_steps is None:
-            n_steps, floor = self.sample_n_steps(k_t, eval_mode), self.steps_floor(eval_mode)
-            max_steps = None
+            n_steps, max_steps = self.sample_n_steps(k_t, eval_mode), None
         else:
-            max_steps, floor = int(n_steps), 0
+            n_steps = max_steps = int(n_steps)
         s0 = self.seed(z_BxZ)
         _, frames_TxBxHxWxC = self.grow(params, s0, k_grow, n_steps, record=True,
-                                        max_steps=max_steps, min_steps=floor)
+                                        max_steps=max_steps)
         return jnp.concatenate([self.to_logits(s0)[None], self.to_logits(frames_TxBxHxWxC)], 0)
 
     # -- one-sample ELBO ---------------------------------------------------------------------
