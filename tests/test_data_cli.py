@@ -14,9 +14,11 @@ import pytest
 from vnca import cli
 from vnca.data import prepare, raw, tfds_source
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The real raw files: $VNCA_RAW_DIR, else ../shared/data next to the checkout.
+SHARED = Path(os.environ.get("VNCA_RAW_DIR")
+              or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_shared = pytest.mark.skipif(not (SHARED / "mnist").is_dir(),
-                                  reason=f"real data not present at {SHARED}")
+                                  reason=f"real data not present at {SHARED} (set VNCA_RAW_DIR)")
 
 
 def run(argv, capsys):

@@ -12,9 +12,11 @@ import pytest
 from vnca.data import matching, raw
 from vnca.errors import DataError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The real raw files: $VNCA_RAW_DIR, else ../shared/data next to the checkout.
+SHARED = Path(os.environ.get("VNCA_RAW_DIR")
+              or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_shared = pytest.mark.skipif(not (SHARED / "mnist").is_dir(),
-                                  reason=f"real data not present at {SHARED}")
+                                  reason=f"real data not present at {SHARED} (set VNCA_RAW_DIR)")
 
 TEST_FILES = ("binarized_mnist_test.amat", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 

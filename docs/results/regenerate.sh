@@ -2,14 +2,14 @@
 # Regenerates docs/results: the CPU-scale runs (configs/cpu/) of all three variants on the full
 # binarized MNIST (50,000 / 10,000 / 10,000 images), evaluated and reported.
 #
-#   docs/results/regenerate.sh [RAW_DIR] [WORK_DIR]      # defaults: ../shared/data runs/cpu
+#   docs/results/regenerate.sh [RAW_DIR] [WORK_DIR]      # defaults: $VNCA_RAW_DIR or ../shared/data, runs/cpu
 #
 # Every step resumes: rerun the same command after an interruption (or in several sittings)
 # and training continues from its latest checkpoint; finished steps are skipped. Checkpoints
 # and arrays stay in WORK_DIR; only the report (Markdown, HTML, PNG figures) lands here.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-RAW=${1:-../shared/data}
+RAW=${1:-${VNCA_RAW_DIR:-../shared/data}}
 WORK=${2:-runs/cpu}
 VARIANTS=(baseline doubling nondoubling)
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORK/.jax-cache}
