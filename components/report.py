@@ -34,11 +34,10 @@ def report(
     bounds: Output[Metrics],
 ):
     """Build report.html / report.md over the variants {names}."""
-    import json
     import os
     import shutil
 
-    from vnca import artifacts
+    from vnca import artifacts, contracts
     from vnca.report import build_report
 
     evals = {{{evals}}}
@@ -47,8 +46,8 @@ def report(
                         out_dir=report_dir.path)
     shutil.copyfile(html, report_html.path)
     for name, eval_dir in evals.items():
-        with open(os.path.join(eval_dir, artifacts.EVAL_METRICS)) as f:
-            bounds.log_metric(f"{{name}}_iwelbo_nats", float(json.load(f)["iwelbo"]["mean_nats"]))
+        metrics = contracts.EvalMetrics.read(os.path.join(eval_dir, artifacts.EVAL_METRICS))
+        bounds.log_metric(f"{{name}}_iwelbo_nats", metrics.iwelbo.mean_nats)
 '''
 
 

@@ -24,7 +24,7 @@ from components.prepare_data import prepare_data_op
 from components.report import report_component
 from components.train import train_op
 from pipeline.pipeline import CONFIG_DIR, config_text
-from vnca import artifacts, config
+from vnca import artifacts, config, contracts
 from vnca.errors import ConfigError
 
 
@@ -148,6 +148,20 @@ def test_evaluate_body_logs_the_bound_as_metrics(tmp_path, fake_module):
     assert all(type(v) is float for v in metrics.metadata.values())
 
 
+def _eval_metrics(variant: str, bound: float) -> contracts.EvalMetrics:
+    """The smallest metrics.json `vnca evaluate` writes (no optional section)."""
+    return contracts.EvalMetrics(
+        variant=variant, name=variant, smoke=True, tier="smoke", model_dir="model",
+        n_test_images=8, device="1 x cpu", eval_config={}, eval_steps=None,
+        iwelbo=contracts.IwBound(
+            k=4, n_images=8, mean_nats=bound, stderr_nats=None, bits_per_dim=0.2,
+            stderr_bits_per_dim=None, n_pixels=784, elbo_mean_nats=None, log_px_mean_nats=None,
+            batch_size=8, sample_chunk=4, images_per_second=10.0, paper_nats=None,
+            reproduction_nats=None),
+        classifier=contracts.ClassifierInfo(kind="mlp", n_train=8, test_accuracy=None),
+        seconds={}, figures=[])
+
+
 def test_report_body_builds_one_report_and_logs_every_variants_bound(tmp_path, fake_module):
     calls = []
 
@@ -166,7 +180,7 @@ def test_report_body_builds_one_report_and_logs_every_variants_bound(tmp_path, f
     for name, bound in bounds_in.items():
         ev = tmp_path / f"evaluate-{name}" / "evaluation"
         ev.mkdir(parents=True)
-        (ev / artifacts.EVAL_METRICS).write_text(json.dumps({"iwelbo": {"mean_nats": bound}}))
+        _eval_metrics(name, bound).write(ev / artifacts.EVAL_METRICS)
         inputs[f"eval_{name}"] = Artifact(uri=str(ev))
         inputs[f"model_{name}"] = _artifact(Model, tmp_path / f"train-{name}" / "model")
     data = _artifact(Dataset, tmp_path / "prepare-data" / "dataset")

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from vnca import artifacts, cli
+from vnca import artifacts, cli, contracts
 from vnca.data import bundled_source as bundled
 from vnca.data import load_dataset, load_split, pad_images
 from vnca.errors import ConfigError, DataError
@@ -71,6 +71,40 @@ def test_artifact_files(bundled_out):
     width, height = struct.unpack(">II", png[16:24])
     assert 600 < width < 2000 and 150 < height < 600
     assert not list(bundled_out.glob(".prepare-data-*"))
+
+
+def test_match_report_is_read_through_its_contract(bundled_out, tmp_path):
+    """The report the step wrote reads back with its splits and groups typed; the same file
+    with one thing wrong is refused in one line naming it."""
+    path = bundled_out / artifacts.MATCH_REPORT
+    report = contracts.MatchReport.read(path)
+    assert report.counts == {"train": 2000, "valid": 500, "test": 1000}
+    assert sorted(report.groups) == ["test", "train+valid"]
+    margins = report.splits["test"].label_margin_nats
+    assert margins.n == 1000 and [q for q, _ in margins.percentiles()] == [
+        0.1, 1, 5, 25, 50, 75, 95]
+    good = json.loads(path.read_text())
+    assert good["version"] == contracts.MatchReport.VERSION
+    cases = [
+        (lambda d: d.pop("version"), "no 'version'"),
+        (lambda d: d.pop("version"), "rerun `vnca prepare-data`"),
+        (lambda d: d["splits"].pop("valid"), "'splits' must have the keys train, valid, test"),
+        (lambda d: d["splits"]["test"]["margin_top1_top2_nats"].update(p50="x"),
+         "'splits.test.margin_top1_top2_nats.p50' must be a finite number or null"),
+        (lambda d: d["splits"]["train"]["label_histogram"].append(-1),
+         "'splits.train.label_histogram[10]' must be a non-negative integer"),
+        (lambda d: d["splits"]["test"].update(margin={"counts": [1], "edges": [0, 1]}),
+         "unknown key 'splits.test.margin'"),
+    ]
+    for edit, needle in cases:
+        bad = json.loads(json.dumps(good))
+        edit(bad)
+        copy = tmp_path / artifacts.MATCH_REPORT
+        copy.write_text(json.dumps(bad))
+        with pytest.raises(DataError) as e:
+            contracts.MatchReport.read(copy)
+        assert "\n" not in str(e.value) and str(e.value).startswith(f"{copy}: "), needle
+        assert needle in str(e.value)
 
 
 def test_tampered_bundle_is_refused(monkeypatch):

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from test_evaluate import CONFIGS, random_params
 
-from vnca import artifacts, config, reference
+from vnca import artifacts, config, contracts, reference
 from vnca.cli import main
 from vnca.data import pad_images
+from vnca.errors import DataError
 from vnca.evaluate import eval_keys, evaluate
 from vnca.evaluation import bound, latent
 from vnca.models import build_model
@@ -65,7 +66,7 @@ def nondoubling_run(tmp_path_factory):
 def test_metrics_file_and_bound_numbers(nondoubling_run):
     r = nondoubling_run
     m, a = r["metrics"], r["arrays"]
-    assert json.loads((r["out"] / artifacts.EVAL_METRICS).read_text()) == m
+    assert contracts.EvalMetrics.read(r["out"] / artifacts.EVAL_METRICS).to_dict() == m
     assert (m["variant"], m["name"], m["smoke"]) == ("nondoubling", "nondoubling", True)
     iw = m["iwelbo"]
     assert (iw["k"], iw["n_images"], iw["n_pixels"]) == (3, 6, reference.MNIST_PIXELS)
@@ -172,6 +173,36 @@ def test_damage_probe_tsne_interpolation_arrays(nondoubling_run):
     np.testing.assert_array_equal(a["interp_probs"][:, -1], r["x"][pairs[:, 1]])
     assert a["samples_probs"].shape == (4, 28, 28)
     assert set(np.unique(a["samples_binary"])) <= {0, 1}
+
+
+def test_metrics_json_is_read_through_its_contract(nondoubling_run, tmp_path):
+    """The file the step wrote reads back as what it returned, with every section of the
+    non-doubling model; the same file with one thing wrong is refused in one line."""
+    path = nondoubling_run["out"] / artifacts.EVAL_METRICS
+    m = contracts.EvalMetrics.read(path)
+    assert m.to_dict() == nondoubling_run["metrics"]
+    assert None not in (m.untrained, m.prior_samples, m.reconstruction, m.growth, m.damage,
+                        m.probe, m.tsne, m.interpolation)
+    assert json.loads(path.read_text())["version"] == contracts.EvalMetrics.VERSION
+    good = json.loads(path.read_text())
+    cases = [
+        (lambda d: d.pop("version"), "no 'version'"),
+        (lambda d: d.pop("version"), "rerun `vnca evaluate`"),
+        (lambda d: d["iwelbo"].pop("k"), "missing 'iwelbo.k'"),
+        (lambda d: d["damage"].update(meaningful="yes"), "'damage.meaningful' must be true"),
+        (lambda d: d["probe"].update(n_test_cells=-1), "'probe.n_test_cells' must be a non-"),
+        (lambda d: d.update(figures="tsne.png"), "'figures' must be a list"),
+        (lambda d: d["tsne"].update(knn5_accuracy=0.5), "unknown key 'tsne.knn5_accuracy'"),
+    ]
+    for edit, needle in cases:
+        bad = json.loads(json.dumps(good))
+        edit(bad)
+        copy = tmp_path / artifacts.EVAL_METRICS
+        copy.write_text(json.dumps(bad))
+        with pytest.raises(DataError) as e:
+            contracts.EvalMetrics.read(copy)
+        assert "\n" not in str(e.value) and str(e.value).startswith(f"{copy}: "), needle
+        assert needle in str(e.value)
 
 
 def test_every_figure_of_the_variant_is_a_png(nondoubling_run):

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vnca import artifacts, config, losses, pool, rng, train
-from vnca.errors import ConfigError
+from vnca import artifacts, config, contracts, losses, pool, rng, train
+from vnca.errors import ConfigError, DataError
 from vnca.models import build_model
 from vnca.models.model_io import load_model
 
@@ -156,7 +156,11 @@ def test_train_writes_contract_files_and_resumes_to_the_same_params(data_dir, tm
                 "final_loss"):
         assert key in full
     a = tmp_path / "a"
-    assert json.loads((a / artifacts.TRAIN_SUMMARY).read_text()) == full
+    assert contracts.TrainSummary.read(a / artifacts.TRAIN_SUMMARY).to_dict() == full
+    log = contracts.read_train_log(a / artifacts.TRAIN_METRICS)
+    assert [(type(r).__name__, r.step) for r in log] == [
+        ("TrainRecord", 2), ("ValidRecord", 3), ("TrainRecord", 4), ("ValidRecord", 4)]
+    _malformed_copies_are_refused(a, tmp_path / "bad")
     saved_cfg = config.loads((a / artifacts.RESOLVED_CONFIG).read_text())
     assert saved_cfg.train.steps == 4 and saved_cfg.model.conv_algorithm == "winograd"  # auto
     assert saved_cfg.model == dataclasses.replace(cfg.model, conv_algorithm="winograd")
@@ -196,6 +200,34 @@ def test_train_writes_contract_files_and_resumes_to_the_same_params(data_dir, tm
     with pytest.raises(ConfigError, match=r"config.yaml.*model.z_dim"):
         train.train_and_evaluate(smoke_cfg("nondoubling", *FAST, "model.z_dim=8"),
                                  data_dir=data_dir, out_dir=a, steps=6)
+
+
+def _malformed_copies_are_refused(run: Path, tmp: Path) -> None:
+    """summary.json and metrics.jsonl as the step wrote them, with one thing wrong: one
+    `DataError` line naming the copy (and the line)."""
+    tmp.mkdir()
+    summary = json.loads((run / artifacts.TRAIN_SUMMARY).read_text())
+    lines = (run / artifacts.TRAIN_METRICS).read_text().splitlines()
+    cases = [
+        (artifacts.TRAIN_SUMMARY, dict(summary, version=0), "rerun `vnca train`"),
+        (artifacts.TRAIN_SUMMARY, dict(summary, n_devices=0), "'n_devices' must be an integer"),
+        (artifacts.TRAIN_SUMMARY, dict(summary, tier="huge"), "'tier' must be one of"),
+        (artifacts.TRAIN_METRICS, [lines[0], json.dumps(dict(json.loads(lines[1]), step=-3)),
+                                   lines[2]], "line 2: 'step' must be a non-negative integer"),
+        (artifacts.TRAIN_METRICS, [json.dumps({k: v for k, v in json.loads(lines[0]).items()
+                                               if k != "version"}), lines[1]],
+         "line 1: no 'version'"),
+    ]
+    read = {artifacts.TRAIN_SUMMARY: contracts.TrainSummary.read,
+            artifacts.TRAIN_METRICS: contracts.read_train_log}
+    for name, content, needle in cases:
+        path = tmp / name
+        path.write_text(json.dumps(content) if isinstance(content, dict)
+                        else "\n".join(content) + "\n")
+        with pytest.raises(DataError) as e:
+            read[name](path)
+        assert "\n" not in str(e.value) and str(e.value).startswith(f"{path}: "), needle
+        assert needle in str(e.value)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):

@@ -17,7 +17,6 @@ that was killed (SIGKILL, a lost machine) is removed by the next run on the same
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vnca import artifacts
+from vnca import artifacts, contracts
 from vnca.data import matching
 from vnca.data.raw import IMAGE_SIDE, RawData
 from vnca.errors import UserError
@@ -176,7 +175,8 @@ def prepare_data(source: str = "bundled", out_dir: str | os.PathLike = "data",
                  tfds_dir: str | os.PathLike | None = None, *, k: int = 16, chunk: int = 512,
                  progress: bool = True) -> dict:
     """Read `source`, match labels, write the dataset artifact into `out_dir`; returns the
-    match report (a dict, as written to `match_report.json`) with a one-line 'summary'."""
+    match report (`contracts.MatchReport` as a dict: match_report.json without its version),
+    with a one-line 'summary'."""
     t_start = time.perf_counter()
     out = artifacts.check_out_dir(out_dir)
     data = load_source(source, raw_dir, download, tfds_dir, progress)
@@ -226,8 +226,8 @@ def prepare_data(source: str = "bundled", out_dir: str | os.PathLike = "data",
     try:
         report["figure"] = _pairs_figure(stage / artifacts.MATCHED_PAIRS_PNG, data, arrays)
         report["timing_s"]["total"] = round(time.perf_counter() - t_start, 3)
-        (stage / artifacts.MATCH_REPORT).write_text(
-            json.dumps(report, indent=1, allow_nan=False) + "\n")
+        contracts.MatchReport.from_dict(report, str(out / artifacts.MATCH_REPORT)).write(
+            stage / artifacts.MATCH_REPORT)
         with open(stage / artifacts.DATASET, "wb") as f:
             np.savez_compressed(f, **{k_: v for k_, v in arrays.items()
                                       if not k_.startswith("_")})

@@ -1,0 +1,121 @@
+"""The artifact contracts (`vnca.contracts`): how values are checked, versions, and that a
+writer refuses what a reader would. Each artifact as its real step writes it is read back in
+tests/test_data_bundled.py (match_report.json), tests/test_train.py (summary.json,
+metrics.jsonl) and tests/test_evaluate_run.py (metrics.json); tests/test_report.py builds the
+report from contract objects."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from vnca import contracts
+from vnca.data import matching
+from vnca.errors import DataError
+
+ARTIFACTS = [(contracts.MatchReport, "vnca prepare-data"), (contracts.TrainSummary, "vnca train"),
+             (contracts.TrainRecord, "vnca train"), (contracts.ValidRecord, "vnca train"),
+             (contracts.EvalMetrics, "vnca evaluate")]
+
+
+def _one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("cls, step", ARTIFACTS)
+def test_a_file_without_or_with_another_version_is_refused(cls, step):
+    for stored, needle in (({"step": 1}, "no 'version' (written by an older vnca)"),
+                           ({"version": 2}, "version 2, this vnca reads version 1"),
+                           ({"version": True}, "version true")):
+        with pytest.raises(DataError) as e:
+            cls.from_json(stored, "f.json")
+        msg = _one_line(e)
+        assert msg.startswith("f.json: ") and needle in msg
+        assert msg.endswith(f"rerun `{step}` to write it again")
+
+
+@pytest.mark.parametrize("value, needle", [
+    ({"distinct": 1, "references": 0}, "missing 'rows' (a non-negative integer)"),
+    ({"distinct": 1, "references": 0, "rows": -1}, "'rows' must be a non-negative integer, got -1"),
+    ({"distinct": 1, "references": 0, "rows": True}, "'rows' must be a non-negative integer, got true"),
+    ({"distinct": 1, "references": 0, "rows": 2.0}, "'rows' must be a non-negative integer, got 2.0"),
+    ({"distinct": 1, "references": 0, "rows": 2, "hist": [1]}, ("unknown key 'hist' (not "
+     "declared in vnca.contracts.Collisions)")),
+    ([1, 2], "expected a JSON object, got list"),
+])
+def test_values_are_checked_and_named(value, needle):
+    with pytest.raises(DataError) as e:
+        contracts.Collisions.from_dict(value, "x.json")
+    assert _one_line(e) == f"x.json: {needle}"
+
+
+def test_nested_keys_are_named_by_their_path():
+    d = {"n": 3, "collisions_before_assignment": {"distinct": 1, "references": 0, "rows": 0}}
+    with pytest.raises(DataError, match=r"^r\.json: missing 'collisions_after_assignment' "):
+        contracts.MatchSummary.from_dict(d, "r.json")
+    d["collisions_after_assignment"] = {"distinct": 1, "references": "0", "rows": 0}
+    with pytest.raises(DataError, match=r"'collisions_after_assignment\.references' must be"):
+        contracts.MatchSummary.from_dict(d, "r.json")
+
+
+def test_numbers_finite_or_null_and_the_training_log_keeps_nan():
+    assert contracts.Distribution.from_dict({"n": 2, "min": 1}, "d").min == 1.0  # int -> float
+    for bad in (float("nan"), float("inf"), "1.5", True):
+        with pytest.raises(DataError, match="'mean' must be a finite number or null"):
+            contracts.Distribution.from_dict({"n": 2, "mean": bad}, "d")
+    record = {"version": 1, "step": 3, "loss": float("nan"), "kl": 1.0, "recon": -2.0,
+              "elbo": -3.0, "grad_norm": float("inf"), "images_per_s": 5, "elapsed_s": 0.5}
+    r = contracts.train_record(record, "log", stored=True)
+    assert isinstance(r, contracts.TrainRecord) and math.isnan(r.loss) and r.pool_rows is None
+    assert r.to_json() == dict(record, images_per_s=5.0)  # pool_rows: absent, not null
+    valid = contracts.train_record({"version": 1, "step": 3, "split": "valid", "val_elbo": -9.5,
+                                    "val_images": 8, "val_iw_samples": 1}, "log", stored=True)
+    assert isinstance(valid, contracts.ValidRecord)
+    with pytest.raises(DataError, match="'split' must be one of \"valid\""):
+        contracts.train_record(dict(valid.to_json(), split="test"), "log", stored=True)
+
+
+def test_the_writer_checks_before_writing(tmp_path):
+    summary = contracts.TrainSummary(
+        variant="doubling", name="doubling", steps=3, wall_time_s=float("nan"), hardware="cpu",
+        n_devices=1, n_processes=1, smoke=True, tier="smoke", param_count=10, final_loss=None,
+        batch_size=8, train_split="train", resumed_from_step=0)
+    path = tmp_path / "summary.json"
+    with pytest.raises(DataError) as e:
+        summary.write(path)
+    assert _one_line(e) == f"{path}: 'wall_time_s' must be a finite number, got nan"
+    assert list(tmp_path.iterdir()) == []
+    fixed = contracts.TrainSummary.from_dict(dict(summary.to_dict(), wall_time_s=2), "summary")
+    fixed.write(path)
+    assert json.loads(path.read_text()) == {"version": 1, **fixed.to_dict()}
+    assert contracts.TrainSummary.read(path) == fixed
+
+
+def test_a_log_line_cut_by_a_kill_is_dropped_only_at_the_end(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    record = contracts.ValidRecord(step=1, split="valid", val_elbo=-9.0, val_images=8,
+                                   val_iw_samples=1)
+    contracts.append_train_record(path, record)
+    with path.open("a") as f:
+        f.write('{"version": 1, "st')
+    assert contracts.read_train_log(path) == [record]
+    with path.open("a") as f:
+        f.write("\n" + json.dumps(record.to_json()) + "\n")
+    with pytest.raises(DataError, match=r"metrics\.jsonl: line 2 is not valid JSON$"):
+        contracts.read_train_log(path)
+
+
+def test_matching_distribution_is_a_distribution():
+    values = np.array([0.5, 2.0, 20.0, 80.0, np.inf])
+    d = matching.distribution(values)
+    dist = contracts.Distribution.from_dict(d, "d")
+    assert dist.to_dict() == d
+    assert [q for q, _ in dist.percentiles()] == [0.1, 1, 5, 25, 50, 75, 95]
+    assert dist.percentiles()[4] == (50.0, d["p50"])
+    empty = matching.distribution(np.array([np.nan]))
+    assert contracts.Distribution.from_dict(empty, "d").percentiles() == []
