@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimage
 
-from vnca import artifacts, config, reference
+from vnca import artifacts, config, contracts, reference
 from vnca import report as rpt
 from vnca.errors import DataError, UserError
 
@@ -42,12 +43,15 @@ FIGURES = {
     "baseline": {"samples.png", "samples_binary.png", "reconstructions.png", "tsne.png",
                  "interpolations.png"},
 }
-DAMAGE = {"n_images": 16, "before": -90.0, "before_stderr": 1.5, "undamaged_final": -88.0,
-          "undamaged_final_stderr": 1.25, "after_damage": -150.0, "after_damage_stderr": 3.0,
-          "after_recovery": -100.0, "after_recovery_stderr": 2.0, "damage_drop": 62.0,
-          "meaningful": True, "recovered_fraction": 50.0 / 62.0,
-          "share_images_lower_after_damage": 0.9375, "damage_at": 4, "recovery_steps": 4,
-          "square": {"top": 7, "left": 7, "size": 14, "position": "centred"}}
+CLASSIFIER = contracts.ClassifierInfo(kind="MLP, 256 ReLU units (scikit-learn)", n_train=60000,
+                                      test_accuracy=0.9781)
+DAMAGE = contracts.Damage(
+    n_images=16, before=-90.0, before_stderr=1.5, undamaged_final=-88.0,
+    undamaged_final_stderr=1.25, after_damage=-150.0, after_damage_stderr=3.0,
+    after_recovery=-100.0, after_recovery_stderr=2.0, damage_drop=62.0, meaningful=True,
+    recovered_fraction=50.0 / 62.0, share_images_lower_after_damage=0.9375, damage_at=4,
+    recovery_steps=4,
+    square=contracts.DamageSquare(top=7, left=7, size=14, position="centred"))
 # Digit-classifier numbers per variant: (reconstruction accuracy, classifier on the originals,
 # prior samples' mean top-class probability, prior samples' label histogram)
 QUALITY = {
@@ -55,9 +59,9 @@ QUALITY = {
     "nondoubling": (0.5, 0.93, 0.4, [0, 0, 22, 10, 0, 0, 0, 0, 0, 0]),
     "baseline": (0.875, 0.93, 0.9, [4, 3, 3, 3, 3, 3, 3, 3, 3, 4]),
 }
-UNTRAINED = {"n_images": 8, "k": 4, "mean_nats": -543.25, "stderr_nats": 3.5,
-             "bits_per_dim": 1.0, "stderr_bits_per_dim": 0.01, "n_pixels": 784,
-             "trained_same_images_nats": -87.5}
+UNTRAINED = contracts.Untrained(n_images=8, k=4, mean_nats=-543.25, stderr_nats=3.5,
+                                bits_per_dim=1.0, stderr_bits_per_dim=0.01, n_pixels=784,
+                                trained_same_images_nats=-87.5)
 # Damage curves (arrays.npz): 3 images, undamaged over steps 0..8, damaged from step 4.
 LL_UNDAMAGED = np.array([[-200, -150, -120, -100, -95, -92, -90, -89, -88],
                          [-210, -160, -125, -105, -96, -93, -91, -90, -89],
@@ -65,8 +69,6 @@ LL_UNDAMAGED = np.array([[-200, -150, -120, -100, -95, -92, -90, -89, -88],
 LL_DAMAGED = np.array([[-150, -130, -110, -104, -100],
                        [-152, -131, -112, -103, -101],
                        [-148, -129, -108, -105, -99]], float)
-HIST_COUNTS = [5, 20, 40, 10, 2]
-HIST_EDGES = [0.0, 50.0, 100.0, 200.0, 400.0, 800.0]
 
 
 def _png(path: Path, seed: int, shape=(12, 20)) -> None:
@@ -80,43 +82,61 @@ def _write_train(d: Path, variant: str, smoke: bool) -> None:
     paths += [REPO / "configs" / "smoke.yaml"] if smoke else []
     (d / artifacts.RESOLVED_CONFIG).write_text(config.dump(config.load(paths)))
     _, _, _, _, steps, wall, hw, ndev = RUNS[variant]
-    summary = {"variant": variant, "name": variant, "steps": steps, "wall_time_s": wall,
-               "hardware": hw, "n_devices": ndev, "smoke": smoke, "param_count": 1234567,
-               "extra_key": [1, 2]}
-    (d / artifacts.TRAIN_SUMMARY).write_text(json.dumps(summary))
-    lines = []
+    contracts.TrainSummary(
+        variant=variant, name=variant, steps=steps, wall_time_s=wall, hardware=hw,
+        n_devices=ndev, n_processes=1, smoke=smoke, tier="smoke" if smoke else "paper",
+        param_count=1234567, final_loss=2.5, batch_size=8, train_split="train",
+        resumed_from_step=0).write(d / artifacts.TRAIN_SUMMARY)
     for step in (0, 10, 100, 1000):
-        lines.append(json.dumps({"step": step, "loss": 200.0 / (1 + step), "kl": 10.0 + step / 1e3,
-                                 "recon": -190.0 / (1 + step), "images_per_s": 500.0,
-                                 "elapsed_s": step / 10, "lr": 1e-4}))
+        contracts.append_train_record(d / artifacts.TRAIN_METRICS, train_record(step))
         if step == 1000 and variant != "baseline":  # baseline: no validation records
-            lines.append(json.dumps({"step": step, "split": "valid", "val_elbo": -95.0}))
-    (d / artifacts.TRAIN_METRICS).write_text("\n".join(lines) + "\n")
+            contracts.append_train_record(d / artifacts.TRAIN_METRICS, contracts.ValidRecord(
+                step=step, split="valid", val_elbo=-95.0, val_images=8, val_iw_samples=1))
+
+
+def train_record(step: int, **changes) -> contracts.TrainRecord:
+    loss, kl = 200.0 / (1 + step), 10.0 + step / 1e3
+    base = contracts.TrainRecord(step=step, loss=loss, kl=kl, recon=kl - loss, elbo=-loss, grad_norm=1.0,
+                  images_per_s=500.0, elapsed_s=step / 10)
+    return dataclasses.replace(base, **changes)
+
+
+def eval_metrics(variant: str, smoke: bool = True, **changes) -> contracts.EvalMetrics:
+    """An evaluation's metrics.json as `vnca evaluate` writes it, with the numbers of RUNS and
+    QUALITY; `changes` replace fields."""
+    mean, se, k, n, *_ = RUNS[variant]
+    recon, originals, top, hist = QUALITY[variant]
+    nca = variant != "baseline"
+    base = contracts.EvalMetrics(
+        variant=variant, name=variant, smoke=smoke, tier="smoke" if smoke else "paper",
+        model_dir=f"models/{variant}", n_test_images=10000, device="1 x cpu", eval_config={},
+        eval_steps=None,
+        iwelbo=contracts.IwBound(
+            k=k, n_images=n, mean_nats=mean, stderr_nats=se, bits_per_dim=-mean / (LN2 * 784),
+            stderr_bits_per_dim=se / (LN2 * 784), n_pixels=784, elbo_mean_nats=mean - 5.0,
+            log_px_mean_nats=mean + 20.0, batch_size=64, sample_chunk=k, images_per_second=50.0,
+            paper_nats=reference.PAPER_NATS[variant],
+            reproduction_nats=reference.REPRODUCTION_NATS[variant]),
+        untrained=UNTRAINED, classifier=CLASSIFIER,
+        prior_samples=contracts.PriorSamples(n_images=sum(hist), mean_top_probability=top,
+                                             label_histogram=hist),
+        reconstruction=contracts.Reconstruction(n_images=32, accuracy=recon,
+                                                classifier_accuracy_originals=originals),
+        growth=contracts.Growth(n_examples=8, n_frames=41) if nca else None,
+        damage=DAMAGE if nca else None,
+        probe=contracts.Probe(accuracy=0.9123, image_accuracy=0.95, chance=0.11,
+                              n_train_images=1500, n_test_images=500, n_train_cells=1536000,
+                              n_test_cells=512000, final_train_loss=0.3,
+                              steps=100) if nca else None,
+        tsne=contracts.Tsne(n_images=64, knn10_accuracy_latent=None if nca else 0.8125,
+                            knn10_accuracy_tsne=None),
+        seconds={"iwelbo": 1.5}, figures=sorted(FIGURES[variant]))
+    return dataclasses.replace(base, **changes)
 
 
 def _write_eval(d: Path, variant: str, smoke: bool) -> None:
     d.mkdir(parents=True)
-    mean, se, k, n, *_ = RUNS[variant]
-    iw = {"k": k, "n_images": n, "mean_nats": mean, "stderr_nats": se}
-    if variant != "baseline":  # the baseline's bits/dim is left for the report to compute
-        iw["bits_per_dim"] = -mean / (LN2 * 784)
-    recon, originals, top, hist = QUALITY[variant]
-    metrics = {"variant": variant, "name": variant, "smoke": smoke,
-               "tier": "smoke" if smoke else "paper", "iwelbo": iw,
-               "classifier": {"kind": "MLP, 256 ReLU units (scikit-learn)", "n_train": 60000,
-                              "test_accuracy": 0.9781},
-               "reconstruction": {"n_images": 32, "accuracy": recon,
-                                  "classifier_accuracy_originals": originals},
-               "prior_samples": {"n_images": sum(hist), "mean_top_probability": top,
-                                 "label_histogram": hist},
-               "untrained": UNTRAINED}
-    if variant != "baseline":
-        metrics["damage"] = DAMAGE
-        metrics["probe"] = {"accuracy": 0.9123, "n_train_images": 1500, "n_test_images": 500}
-    metrics["tsne"] = {"n_images": 64}
-    if variant == "baseline":
-        metrics["tsne"]["knn10_accuracy_latent"] = 0.8125
-    (d / artifacts.EVAL_METRICS).write_text(json.dumps(metrics))
+    eval_metrics(variant, smoke).write(d / artifacts.EVAL_METRICS)
     for i, fname in enumerate(sorted(FIGURES[variant])):
         _png(d / fname, seed=i)
     if variant == "nondoubling":
@@ -130,37 +150,51 @@ def _write_eval(d: Path, variant: str, smoke: bool) -> None:
         np.savez(d / artifacts.EVAL_ARRAYS, **arrays)
 
 
-def _distribution(scale: float) -> dict:
+def _distribution(scale: float) -> contracts.Distribution:
     """A percentile summary as the data step writes one (vnca.data.matching.distribution)."""
-    return {"n": 10000, "min": 0.05 * scale, "mean": 130.0 * scale, "p0.1": 0.8 * scale,
-            "p1": 4.99 * scale, "p5": 15.65 * scale, "p25": 88.1 * scale, "p50": 140.5 * scale,
-            "p75": 203.7 * scale, "p95": 321.0 * scale, "max": 632.0 * scale,
-            "count_below_1": 14, "count_below_10": 286, "count_below_50": 1243}
+    return contracts.Distribution(
+        n=10000, min=0.05 * scale, mean=130.0 * scale, p0_1=0.8 * scale, p1=4.99 * scale,
+        p5=15.65 * scale, p25=88.1 * scale, p50=140.5 * scale, p75=203.7 * scale,
+        p95=321.0 * scale, max=632.0 * scale, count_below_1=14, count_below_10=286,
+        count_below_50=1243)
 
 
 LABELS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+COUNTS = {"train": 2000, "valid": 500, "test": 10000}
+
+
+def match_summary(**changes) -> contracts.MatchSummary:
+    """One split's summary as `vnca.data.matching.summarize` writes it."""
+    base = contracts.MatchSummary(
+        n=10000,
+        collisions_before_assignment=contracts.Collisions(distinct=9992, references=8, rows=16),
+        collisions_after_assignment=contracts.Collisions(distinct=10000, references=0, rows=0),
+        rows_changed_by_assignment=8, labels_changed_by_assignment=0, unresolved_rows=0,
+        assigned_rank_histogram=[9992, 8], margin_top1_top2_nats=_distribution(1.0),
+        label_margin_nats=_distribution(1.6), assigned_loglik_nats=_distribution(-2.0),
+        impossible_pixels=contracts.ImpossiblePixels(total=0, pairs_with_any=0),
+        label_histogram=LABELS)
+    return dataclasses.replace(base, **changes)
+
+
+def match_report(**changes) -> contracts.MatchReport:
+    """match_report.json as `vnca prepare-data` writes it (numbers made up)."""
+    group = dict(match_summary().to_dict(), queries="binarized test", reference="MNIST test",
+                 n_queries=10000, n_references=10000, top_k=16, seconds=1.5)
+    splits = {"train": match_summary(rows_changed_by_assignment=5),
+              "valid": match_summary(rows_changed_by_assignment=313), "test": match_summary()}
+    base = contracts.MatchReport(
+        source="bundled", summary="3 splits matched", counts=COUNTS,
+        provenance={"source": "bundled"}, method={"eps": 1e-6},
+        groups={"test": contracts.MatchGroup.from_dict(group, "group")}, splits=splits,
+        classifier=CLASSIFIER, timing_s={"read": 0.5},
+        figure=contracts.PairsFigure(file=artifacts.MATCHED_PAIRS_PNG, seed=0, rows={}))
+    return dataclasses.replace(base, **changes)
 
 
 def _write_data(d: Path) -> None:
     d.mkdir(parents=True)
-    # test and valid: the shape vnca.data.matching.summarize writes; train: another shape, with
-    # a histogram (counts and edges), as a report from elsewhere might hold.
-    summarized = {"n": 10000,
-                  "collisions_before_assignment": {"distinct": 9992, "references": 8, "rows": 16},
-                  "collisions_after_assignment": {"distinct": 10000, "references": 0, "rows": 0},
-                  "rows_changed_by_assignment": 8, "labels_changed_by_assignment": 0,
-                  "assigned_rank_histogram": [9992, 8],
-                  "margin_top1_top2_nats": _distribution(1.0),
-                  "label_margin_nats": _distribution(1.6),
-                  "impossible_pixels": {"total": 0, "pairs_with_any": 0},
-                  "label_histogram": LABELS}
-    train = {"collisions_before": 313, "impossible_pixels": 0,
-             "margin_top1_top2_nats": {"percentiles": {"p1": 1.71, "p50": 108.1, "p95": 257.9},
-                                       "histogram": {"counts": HIST_COUNTS,
-                                                     "edges": HIST_EDGES}}}
-    report = {"source": "bundled", "summary": "3 splits matched", "train": train,
-              "valid": dict(summarized, rows_changed_by_assignment=313), "test": summarized}
-    (d / artifacts.MATCH_REPORT).write_text(json.dumps(report))
+    match_report().write(d / artifacts.MATCH_REPORT)
     _png(d / artifacts.MATCHED_PAIRS_PNG, seed=99)
 
 
@@ -334,16 +368,15 @@ def test_prior_sample_labels_and_classifier(built):
 
 
 def test_results_frame_raw_numbers():
-    ev = rpt.EvalRun(Path("e"), "doubling", "doubling", None,
-                     {"iwelbo": {"mean_nats": -84.0, "stderr_nats": 0.1, "k": 128}}, {}, {}, {})
-    df = rpt.results_frame([("doubling", ev, None)])
+    m = eval_metrics("doubling", smoke=False, untrained=None, reconstruction=None)
+    m = dataclasses.replace(m, iwelbo=dataclasses.replace(m.iwelbo, mean_nats=-84.0))
+    df = rpt.results_frame([("doubling", rpt.EvalRun(Path("e"), m, {}, {}, {}), None)])
     r = df.iloc[0]
     assert r["diff_paper_pct"] == pytest.approx(100 * (-84.0 + 84.23) / 84.23)
     assert r["diff_reproduction_pct"] == pytest.approx(100 * (-84.0 + 84.15) / 84.15)
-    assert r["bits_per_dim"] == pytest.approx(84.0 / (LN2 * 784))
     assert r["steps"] is None and r["hardware"] is None
     assert r["untrained_nats"] is None and r["reconstruction_accuracy"] is None
-    assert r["tier"] is None and not r["smoke"]
+    assert r["tier"] == "paper" and not r["smoke"]
 
 
 def test_every_expected_figure_is_embedded(built):
@@ -378,7 +411,7 @@ def test_every_expected_figure_is_embedded(built):
             "recovery-curves"] + [margins]:
         w, h = png_size(decode_data_uri(f["src"]))
         assert 200 < w <= 1320 and h > 150, (f["caption"], w, h)
-    assert margins["caption"] == "Match margins: histograms and percentiles per split"
+    assert margins["caption"] == "Match margins: percentiles per split"
     assert decode_data_uri(pairs["src"]) == (
         dirs["data"] / artifacts.MATCHED_PAIRS_PNG).read_bytes()
     # t-SNE re-plot: one panel per run with arrays (doubling, nondoubling), side by side.
@@ -394,8 +427,8 @@ def test_every_expected_figure_is_embedded(built):
     assert "http://" not in html and "https://" not in html and 'src="figures' not in html
 
 
-def _eval_run(arrays: dict, metrics: dict | None = None, variant="nondoubling") -> rpt.EvalRun:
-    return rpt.EvalRun(Path("e"), variant, variant, None, metrics or {}, {}, {}, arrays)
+def _eval_run(arrays: dict, metrics=None, variant="nondoubling") -> rpt.EvalRun:
+    return rpt.EvalRun(Path("e"), metrics or eval_metrics(variant), {}, {}, arrays)
 
 
 def test_recovery_plot_has_two_curves_per_run():
@@ -464,79 +497,62 @@ def test_eval_details_and_match_tables(built):
                                                                  "test"}
     assert match["rows_changed_by_assignment"]["test"] == "8"
     assert match["rows_changed_by_assignment"]["valid"] == "313"
-    assert match["rows_changed_by_assignment"]["train"] == "—"
-    assert match["collisions_before"]["train"] == "313"
+    assert match["rows_changed_by_assignment"]["train"] == "5"
     assert match["collisions_before_assignment"]["test"] == (
         "distinct: 9,992, references: 8, rows: 16")
     assert match["impossible_pixels"]["test"] == "total: 0, pairs_with_any: 0"
-    assert match["impossible_pixels"]["train"] == "0"
     assert "p0.1: 0.8, p1: 4.99" in match["margin_top1_top2_nats"]["test"]
     assert "p50: 224.8" in match["label_margin_nats"]["valid"]  # 140.5 x 1.6
-    assert match["margin_top1_top2_nats.percentiles"]["train"] == (
-        "p1: 1.71, p50: 108.1, p95: 257.9")
     assert match["label_histogram"]["test"] == ", ".join(f"{n:,}" for n in LABELS)
-    pct = rpt.match_percentiles(json.loads((dirs["data"] / artifacts.MATCH_REPORT).read_text()))
-    assert set(pct) == {"margin_top1_top2_nats", "label_margin_nats"}
+    pct = rpt.match_percentiles(contracts.MatchReport.read(dirs["data"] / artifacts.MATCH_REPORT))
+    assert set(pct) == {"margin_top1_top2_nats", "label_margin_nats", "assigned_loglik_nats"}
     assert set(pct["margin_top1_top2_nats"]) == {"train", "valid", "test"}
     levels, values = pct["label_margin_nats"]["test"]
     assert levels.tolist() == [0.1, 1, 5, 25, 50, 75, 95]
     assert values[4] == pytest.approx(140.5 * 1.6)
     top = {r["field"]: r["value"] for r in table_dicts(doc.tables["match-summary"])}
-    assert top == {"source": "bundled", "summary": "3 splits matched"}
+    assert (top["source"], top["summary"]) == ("bundled", "3 splits matched")
+    assert top["counts"] == "train: 2,000, valid: 500, test: 10,000"
     configs = table_dicts(doc.tables["configs"])
     assert {r["setting"]: r for r in configs}["batch size"]["doubling"] == "8"  # smoke overlay
 
 
 def test_recovered_share_or_not_meaningful():
-    not_meaningful = dict(DAMAGE, after_damage=-80.0, after_recovery=-81.0, damage_drop=-8.0,
-                          meaningful=False, recovered_fraction=None)
+    not_meaningful = dataclasses.replace(DAMAGE, after_damage=-80.0, after_recovery=-81.0,
+                                         damage_drop=-8.0, meaningful=False,
+                                         recovered_fraction=None)
     assert rpt.recovered_text(not_meaningful) == (
         "not meaningful (damage did not lower the score)")
     assert rpt.recovered_text(DAMAGE) == "80.6 %"
-    assert rpt.recovered_text(dict(DAMAGE, recovered_fraction=1.25)) == "125.0 %"
-    # An older damage dict (no `meaningful`) has no recovered share to show.
-    old = {"before": -90.0, "after_damage": -150.0, "after_recovery": -100.0,
-           "median_recovered_fraction": 0.8, "share_images_recovered_to_before": 0.5}
-    assert rpt.recovered_text(old) == "—"
-    pairs = [("nondoubling", _eval_run({}, {"damage": not_meaningful}), None)]
+    assert rpt.recovered_text(dataclasses.replace(DAMAGE, recovered_fraction=1.25)) == "125.0 %"
+    m = eval_metrics("nondoubling", damage=not_meaningful)
+    pairs = [("nondoubling", _eval_run({}, m), None)]
     (row,) = rpt.damage_frame(pairs).to_dict("records")
     assert row["recovered share of the damage"] == (
         "not meaningful (damage did not lower the score)")
     assert row["just after damage (nats)"] == "-80.00 ± 3.00"
 
 
-def test_eval_dir_without_new_keys_still_renders(tmp_path):
-    """An evaluation written before the tier, classifier, untrained and two-curve damage keys."""
+@pytest.mark.parametrize("kind, name, step", [
+    ("evals", artifacts.EVAL_METRICS, "vnca evaluate"),
+    ("trains", artifacts.TRAIN_SUMMARY, "vnca train"),
+    ("trains", artifacts.TRAIN_METRICS, "vnca train"),
+    ("data", artifacts.MATCH_REPORT, "vnca prepare-data"),
+])
+def test_artifact_without_a_version_is_refused(tmp_path, kind, name, step):
+    """Files written before the artifacts had versions are not read: one line says which step
+    to rerun."""
     dirs = make_inputs(tmp_path)
-    for d in dirs["evals"]:
-        m = json.loads((d / artifacts.EVAL_METRICS).read_text())
-        for key in ("tier", "classifier", "reconstruction", "prior_samples", "untrained"):
-            m.pop(key)
-        if "damage" in m:
-            m["damage"] = {"before": -90.0, "after_damage": -150.0, "after_recovery": -100.0,
-                           "n_images": 16, "damage_at": 4, "median_recovered_fraction": 0.8}
-        (d / artifacts.EVAL_METRICS).write_text(json.dumps(m))
-        if (d / artifacts.EVAL_ARRAYS).exists():
-            rng = np.random.default_rng(0)
-            np.savez(d / artifacts.EVAL_ARRAYS, tsne_xy=rng.normal(size=(64, 2)),
-                     tsne_labels=rng.integers(0, 10, 64), damage_curve_steps=np.arange(9),
-                     damage_curve_ll=-100 - rng.random(9))
-    doc = parse(build(dirs))
-    rows = table_dicts(doc.tables["results"])
-    for r in rows:
-        for col in ("untrained model (nats)", "trained, same images (nats)",
-                    "reconstructions recognised", "prior samples: mean top-class probability"):
-            assert r[col] == "—", (r["variant"], col)
-        assert r["run"] == "SMOKE"  # from the older boolean `smoke`
-    assert "prior-labels" not in doc.tables
-    details = {r["variant"]: r for r in table_dicts(doc.tables["damage"])}
-    assert details["nondoubling"]["before damage (nats)"] == "-90.00"
-    assert details["nondoubling"]["undamaged, same step (nats)"] == "—"
-    assert details["nondoubling"]["recovered share of the damage"] == "—"
-    # No damage arrays to re-plot: the runs' own damage_curve.png is shown instead.
-    assert "recovery-curves" not in doc.rows
-    assert [f["caption"] for f in doc.rows["fig-damage_curve-runs"]] == SHOWN_ORDER
-    assert "SMOKE RUN" in "".join(doc.banner)
+    path = (dirs[kind] if kind == "data" else dirs[kind][1]) / name
+    lines = path.read_text().splitlines()
+    old = [json.dumps({k: v for k, v in json.loads(line).items() if k != "version"})
+           for line in lines] if name.endswith(".jsonl") else None
+    path.write_text("\n".join(old) + "\n" if old else json.dumps(
+        {k: v for k, v in json.loads(path.read_text()).items() if k != "version"}))
+    with pytest.raises(DataError) as e:
+        build(dirs)
+    assert str(path) in _one_line(e) and "no 'version'" in str(e.value)
+    assert f"rerun `{step}`" in str(e.value)
 
 
 def test_tier_banners(tmp_path):
@@ -560,7 +576,6 @@ def test_tier_banners(tmp_path):
         assert runs == {"baseline": "paper", "doubling": rpt.TIER_LABELS[tier],
                         "nondoubling": "paper"}
     assert rpt.smallest_tier("paper", None, "demo", "cpu") == "demo"
-    assert rpt.read_tier({"smoke": True}) == "smoke" and rpt.read_tier({}) is None
 
 
 def test_raw_statistics_come_last(built):
@@ -650,8 +665,8 @@ def test_corrupt_and_ambiguous_inputs(tmp_path):
     m.write_text('{"variant": ')
     with pytest.raises(DataError, match="not valid JSON"):
         build(dirs)
-    m.write_text(json.dumps({"iwelbo": {}}))
-    with pytest.raises(DataError, match="'variant'"):
+    m.write_text(json.dumps({"version": 1, "iwelbo": {}}))
+    with pytest.raises(DataError, match="missing 'variant'"):
         build(dirs)
     # Two evaluations of the same variant and name are ambiguous.
     dirs = make_inputs(tmp_path / "b")
@@ -666,23 +681,24 @@ def test_corrupt_and_ambiguous_inputs(tmp_path):
 
 def test_metrics_jsonl_is_read_tolerantly(tmp_path):
     p = tmp_path / "metrics.jsonl"
-    good = [{"step": 0, "loss": 9.0, "kl": 1.0, "recon": -8.0},
-            {"step": 5, "loss": 3.0, "kl": 2.0, "recon": -1.0, "new_key": "x"},
-            {"step": 5, "split": "valid", "val_elbo": -4.0},
-            {"step": 10, "loss": float("nan"), "kl": 2.5},  # NaN and missing recon: dropped
+    good = [train_record(0), train_record(5, loss=3.0, kl=2.0, recon=-1.0),
+            contracts.ValidRecord(step=5, split="valid", val_elbo=-4.0, val_images=8,
+                                  val_iw_samples=1),
+            train_record(10, loss=float("nan"), kl=2.5, recon=float("inf")),  # not plotted
             ]
-    text = "\n".join(json.dumps(r) for r in good) + "\n\n" + '{"step": 15, "lo'
+    text = "\n".join(json.dumps(r.to_json()) for r in good) + "\n\n" + '{"step": 15, "lo'
     p.write_text(text)
-    records = artifacts.read_train_metrics(p)
-    assert len(records) == 4  # the truncated last line (interrupted run) is dropped
-    tr = rpt.TrainRun(tmp_path, "doubling", "doubling", None, {}, None, records)
+    records = contracts.read_train_log(p)
+    assert records[:3] == good[:3] and len(records) == 4  # the truncated last line is dropped
+    tr = rpt.TrainRun(tmp_path, None, None, records)
     curves = rpt.curves_frame([("doubling", tr)])
     got = sorted(map(tuple, curves[["step", "metric", "value"]].itertuples(index=False)))
-    assert got == [(5.0, "kl", 2.0), (5.0, "loss", 3.0), (5.0, "recon", -1.0),
-                   (5.0, "val_elbo", -4.0), (10.0, "kl", 2.5)]
-    p.write_text(json.dumps(good[0]) + "\n{broken\n" + json.dumps(good[1]) + "\n")
+    assert got == [(5, "kl", 2.0), (5, "loss", 3.0), (5, "recon", -1.0), (5, "val_elbo", -4.0),
+                   (10, "kl", 2.5)]
+    p.write_text(json.dumps(good[0].to_json()) + "\n{broken\n" + json.dumps(good[1].to_json())
+                 + "\n")
     with pytest.raises(DataError, match="line 2"):
-        artifacts.read_train_metrics(p)
+        contracts.read_train_log(p)
 
 
 def test_unpairable_runs_are_one_user_error(tmp_path, capsys):
@@ -730,6 +746,12 @@ def _set(keys: str, value):
 _DROP = object()
 
 
+def _lines(*records) -> str:
+    """metrics.jsonl text: contracts as stored, dicts as they are."""
+    return "".join(json.dumps(r if isinstance(r, dict) else r.to_json()) + "\n"
+                   for r in records)
+
+
 @pytest.mark.parametrize("edit, key", [
     (_set("iwelbo", _DROP), "iwelbo"),
     (_set("iwelbo.mean_nats", "-95.2"), "iwelbo.mean_nats"),
@@ -742,6 +764,8 @@ _DROP = object()
     (_set("reconstruction", "97%"), "reconstruction"),
     (_set("variant", 3), "variant"),
     (lambda d: [d], "expected a JSON object"),
+    (_set("iwelbo.extra", 1), "unknown key 'iwelbo.extra'"),
+    (_set("version", 2), "rerun `vnca evaluate`"),
 ])
 def test_malformed_eval_metrics_is_one_data_error(tmp_path, edit, key):
     dirs = make_inputs(tmp_path)
@@ -761,8 +785,10 @@ def test_malformed_eval_metrics_is_one_data_error(tmp_path, edit, key):
     (artifacts.TRAIN_SUMMARY, _set("wall_time_s", [1]), "wall_time_s"),
     (artifacts.TRAIN_SUMMARY, lambda d: None, "expected a JSON object"),
     (artifacts.TRAIN_METRICS, '[1, 2]\n{"step": 1}\n', "line 1"),
-    (artifacts.TRAIN_METRICS, '{"step": 1}\n{"loss": 3.0}\n{"step": 3}\n', "line 2"),
-    (artifacts.TRAIN_METRICS, '{"step": 1, "loss": "3.0"}\n{"step": 2}\n', "'loss'"),
+    (artifacts.TRAIN_METRICS, _lines(train_record(1), {"version": 1, "loss": 3.0},
+                                     train_record(3)), "line 2: missing 'step'"),
+    (artifacts.TRAIN_METRICS, _lines(dict(train_record(1).to_json(), loss="3.0"),
+                                     train_record(2)), "'loss'"),
     (artifacts.TRAIN_METRICS, b'{"step": 1}\n\xff\n', "cannot read"),
 ])
 def test_malformed_train_artifacts_are_one_data_error(tmp_path, name, edit, key):
@@ -779,25 +805,16 @@ def test_malformed_train_artifacts_are_one_data_error(tmp_path, name, edit, key)
     assert str(path) in _one_line(e) and key in str(e.value)
 
 
-@pytest.mark.parametrize("report", [
-    {},
-    {"test": "not a dict", "summary": 3},
-    {"splits": {"valid": {"collisions_before": 2, "margin": {"histogram": {
-        "counts": [1, 2], "bin_edges": [0, 1, 2]}}}}},
-    {"test": {"margin_top1_top2": {"counts": [1, 2], "edges": [0, 1]}}},  # inconsistent edges
-])
-def test_match_report_read_defensively(report):
-    table = rpt.match_table(report)
-    hists = rpt.match_histograms(report)
-    if "splits" in report:
-        assert table.to_dict("records") == [{"field": "collisions_before", "valid": "2"}]
-        (counts, edges), = hists["margin"].values()
-        assert counts.tolist() == [1, 2] and edges.tolist() == [0, 1, 2]
-        assert rpt.plot_match_distributions(hists)[:8] == PNG_SIGNATURE
-    else:
-        assert hists == {}
+def test_match_distributions_without_values_are_not_plotted():
+    """A split with no finite values has a distribution of only `n` (matching.distribution)."""
+    empty = contracts.Distribution(n=0)
+    none = match_summary(margin_top1_top2_nats=empty, label_margin_nats=empty,
+                         assigned_loglik_nats=empty)
+    report = match_report(splits={"train": none, "valid": none, "test": none})
+    assert rpt.match_percentiles(report) == {}
+    assert rpt.match_table(report).set_index("field").loc["label_margin_nats", "test"] == "n: 0"
     blocks = rpt.report_blocks([], rpt.DataInfo(Path("d"), report, None, None))
-    assert "not produced" in rpt.render_markdown(blocks)
+    assert "Match margins: percentiles per split**: *not produced" in rpt.render_markdown(blocks)
 
 
 def test_report_imports_no_jax():

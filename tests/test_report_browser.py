@@ -1,7 +1,7 @@
 """report.html opens in a real browser (headless Chromium, Debian's `chromium` package): every
 image decodes, none is shrunk below its own size (figures are drawn to be legible at that size),
-nothing is wider than a 1400 px window, and the results table is there. The screenshot is kept
-in test-artifacts/."""
+nothing is wider than a 1400 px window, and the results table is there. The screenshot is
+written to the test's temporary folder (pytest keeps the last runs' folders)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from vnca import artifacts
 from vnca.report import build_report
 
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOT = Path(__file__).resolve().parents[1] / "test-artifacts" / "report.png"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -48,6 +47,7 @@ def test_report_renders_in_chromium(tmp_path):
     moved = tmp_path / "elsewhere" / artifacts.REPORT_HTML
     moved.parent.mkdir()
     moved.write_bytes(html_path.read_bytes())
+    screenshot = tmp_path / "report.png"
     failed_requests = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -59,8 +59,7 @@ def test_report_renders_in_chromium(tmp_path):
             rows = page.evaluate(TABLE_JS)
             banner = page.locator("#smoke-banner").inner_text()
             page_width = page.evaluate(PAGE_WIDTH_JS)
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
     assert failed_requests == []
@@ -81,4 +80,4 @@ def test_report_renders_in_chromium(tmp_path):
     for variant, (mean, se, *_) in RUNS.items():
         assert by_variant[variant][2] == f"{mean:.2f} ± {se:.2f}"
     assert banner.startswith("SMOKE RUN")
-    assert SCREENSHOT.stat().st_size > 10_000
+    assert screenshot.stat().st_size > 10_000
