@@ -25,7 +25,6 @@ and renamed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -36,7 +35,7 @@ import numpy as np
 from vnca import artifacts, config, contracts, reference, rng
 from vnca.errors import ConfigError, DataError
 from vnca.evaluation import classifier
-from vnca.fileio import atomic_path, write_atomic
+from vnca.fileio import atomic_path
 
 # Keys an evaluation may override besides the eval section: how many steps the non-doubling
 # model takes at test time (R: 36; O: drawn as in training) and how convolutions are computed
@@ -79,10 +78,6 @@ def _digit_classifier(data_dir) -> classifier.ClassifierWeights:
 def eval_keys(seed: int) -> dict:
     """One independent key per measurement (`rng.EVAL_PURPOSES`), from `key(seed)`."""
     return rng.named_keys(seed, rng.EVAL_PURPOSES)
-
-
-def _write_json(obj: dict, path: Path) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
 
 
 def _write_npz(arrays: dict, path: Path) -> None:
