@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Build the CPU, TPU and CUDA images, push them to Artifact Registry, and compile the Vertex AI
-# pipelines against the pushed tags.
+# Build the pipeline's images with docker or podman.
 #
-#   images/build.sh REGISTRY [TAG]
+#   images/build.sh --local            the CPU image under the name `vnca run-local --runner
+#                                      docker` uses by default (components/images.py); no push
+#   images/build.sh REGISTRY [TAG]     the CPU, TPU and CUDA images, pushed to REGISTRY, and the
+#                                      Vertex AI pipelines compiled against the pushed tags
+#   images/build.sh --freeze           rewrite images/constraints.txt from the project's .venv
 #
 #   REGISTRY  an Artifact Registry Docker repository, e.g.
 #             us-central1-docker.pkg.dev/MY_PROJECT/vnca  (create it once with
@@ -10,15 +13,21 @@
 #              --location=us-central1` and `gcloud auth configure-docker us-central1-docker.pkg.dev`)
 #   TAG       default: the short git commit, with "-dirty" if the working tree has changes
 #
-# Environment: ACCELS="cpu tpu cuda" (the flavours to build), PUSH=0 (build only, no push or
-# compile), EXTRAS="tfds" (extra dependency groups, see images/Dockerfile).
+# Environment:
+#   ENGINE=docker|podman   default: podman if installed, else docker
+#   BASE_IMAGE=IMAGE       the Python base (default python:3.11.7-slim-bookworm, pulled); on a
+#                          machine without a registry, build one with images/build_base.sh
+#   CA_BUNDLE=FILE         CA bundle (PEM) for pip inside the build, when PyPI is reached
+#                          through a TLS-inspecting proxy (e.g. /etc/ssl/certs/ca-certificates.crt
+#                          on Debian); passed as the build secret `pip_ca`, not kept in the image
+#   ACCELS="cpu tpu cuda"  the flavours to build;  PUSH=0  build only, no push or compile
+#   EXTRAS="tfds"          extra dependency groups (see images/Dockerfile)
 #
 # Writes build/pipeline-vertex-tpu.yaml and build/pipeline-vertex-gpu.yaml (the committed
 # pipeline.yaml keeps the default image of components/images.py) and prints the submit command.
-#
-#   images/build.sh --freeze   rewrite images/constraints.txt from the project's .venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source images/engine.sh
 
 if [[ "${1:-}" == "--freeze" ]]; then
     {
@@ -32,11 +41,42 @@ if [[ "${1:-}" == "--freeze" ]]; then
     exit 0
 fi
 
-registry="${1:?usage: images/build.sh REGISTRY [TAG]   (or images/build.sh --freeze)}"
-registry="${registry%/}"
-commit="$(git rev-parse HEAD)"
+engine="$(pick_engine)"
+commit="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 dirty=""
-git diff --quiet HEAD -- || dirty="-dirty"
+git diff --quiet HEAD -- 2>/dev/null || dirty="-dirty"
+
+build_args=(-f images/Dockerfile --build-arg GIT_COMMIT="${commit}${dirty}"
+            --build-arg EXTRAS="${EXTRAS:-}")
+[[ -n "${BASE_IMAGE:-}" ]] && build_args+=(--build-arg PYTHON_IMAGE="${BASE_IMAGE}")
+if [[ -n "${CA_BUNDLE:-}" ]]; then
+    [[ -s "$CA_BUNDLE" ]] || die "CA_BUNDLE=$CA_BUNDLE: not a readable, non-empty file"
+    build_args+=(--secret "id=pip_ca,src=${CA_BUNDLE}")
+fi
+if [[ "$engine" == podman ]]; then
+    # podman does not look for <Dockerfile>.dockerignore by itself (BuildKit does).
+    build_args+=(--ignorefile images/Dockerfile.dockerignore)
+fi
+export DOCKER_BUILDKIT=1   # RUN --mount (the CA secret, the wheel stage) needs BuildKit
+
+build() {  # build IMAGE ACCEL
+    local image="$1" accel="$2" t0=$SECONDS
+    echo "== ${engine} build ${image} (ACCEL=${accel}${BASE_IMAGE:+, base ${BASE_IMAGE}})"
+    "$engine" build "${build_args[@]}" --build-arg ACCEL="${accel}" -t "${image}" .
+    local size
+    size="$("$engine" image inspect --format '{{.Size}}' "$image")"
+    echo "== built ${image} in $((SECONDS - t0)) s, $((size / 1000000)) MB (layers: ${engine} history ${image})"
+}
+
+if [[ "${1:-}" == "--local" ]]; then
+    image="${IMAGE:-$(python3 -c 'from components.images import image_uri; print(image_uri("cpu"))')}" \
+        || die "cannot read the default image name from components/images.py (is kfp installed?)"
+    build "$image" cpu
+    exit 0
+fi
+
+registry="${1:?usage: images/build.sh --local | REGISTRY [TAG] | --freeze}"
+registry="${registry%/}"
 tag="${2:-$(git rev-parse --short=12 HEAD)${dirty}}"
 accels="${ACCELS:-cpu tpu cuda}"
 vnca="${VNCA:-vnca}"
@@ -44,15 +84,9 @@ command -v "$vnca" >/dev/null || vnca=".venv/bin/vnca"
 
 for accel in $accels; do
     image="${registry}/vnca-python-${accel}:${tag}"
-    echo "== building ${image}"
-    DOCKER_BUILDKIT=1 docker build \
-        -f images/Dockerfile \
-        --build-arg ACCEL="${accel}" \
-        --build-arg EXTRAS="${EXTRAS:-}" \
-        --build-arg GIT_COMMIT="${commit}${dirty}" \
-        -t "${image}" .
+    build "$image" "$accel"
     if [[ "${PUSH:-1}" != "0" ]]; then
-        docker push "${image}"
+        "$engine" push "${image}"
     fi
 done
 
