@@ -69,8 +69,8 @@ build() {  # build IMAGE ACCEL
 }
 
 if [[ "${1:-}" == "--local" ]]; then
-    image="${IMAGE:-$(python3 -c 'from components.images import image_uri; print(image_uri("cpu"))')}" \
-        || die "cannot read the default image name from components/images.py (is kfp installed?)"
+    image="${IMAGE:-$(default_cpu_image)}" \
+        || die "cannot read the default image name from components/images.py"
     build "$image" cpu
     exit 0
 fi

@@ -5,6 +5,22 @@ die() {
     exit 1
 }
 
+# The name components/images.py gives the CPU image, `vnca run-local --runner docker`'s
+# default (read with any python3, without importing kfp).
+default_cpu_image() {
+    python3 -c '
+import ast
+names = {}
+for node in ast.parse(open("components/images.py").read()).body:
+    if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+        try:
+            names[node.targets[0].id] = ast.literal_eval(node.value)
+        except ValueError:
+            pass
+print(names["REGISTRY"] + "/" + names["IMAGE_NAMES"]["cpu"] + ":" + names["TAG"])
+'
+}
+
 # The container engine to use: $ENGINE if set (docker or podman), else podman if installed,
 # else docker. Podman builds and runs without a daemon; docker needs a reachable engine.
 pick_engine() {
