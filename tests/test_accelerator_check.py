@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_accelerator_check_runs_at_tiny_size(tmp_path):
     out = tmp_path / "check.json"
     r = subprocess.run([sys.executable, "bench/accelerator_check.py", "--tiny", "--steps", "1",

@@ -300,6 +300,7 @@ def test_gzip_bomb_via_cli(tmp_path, capsys):
     assert "decompresses to more than" in err
 
 
+@pytest.mark.slow
 def test_stale_staging_folders_of_killed_runs_are_removed(tmp_path):
     """A SIGKILL during prepare-data left OUT/.prepare-data-PID.partial behind forever."""
     import subprocess

@@ -87,6 +87,7 @@ def _reference_bound(model, params, x_HxWx1, index, key, k, chunk=None):
     ("nondoubling", 4),                                # the K samples decoded 4 at a time
     ("baseline", None),                                # -inf logits on the pad
 ])
+@pytest.mark.slow
 def test_batched_bound_equals_one_image_reference(variant, chunk):
     cfg = _cfg(variant)
     model = build_model(cfg)

@@ -19,6 +19,9 @@ from vnca.evaluation import bound, latent
 from vnca.models import build_model
 from vnca.models.model_io import save_params
 
+# Every test here shares a module fixture that trains and evaluates real models (~40 s).
+pytestmark = pytest.mark.slow
+
 N_TEST = 40
 SMALL = ["eval.n_images=6", "eval.iw_samples=3", "eval.batch_size=4", "eval.n_samples=4",
          "eval.n_reconstructions=2", "eval.tsne_images=12", "eval.probe_images=10",

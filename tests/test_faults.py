@@ -74,6 +74,7 @@ def straight(data_dir, tmp_path_factory):
 
 # -- divergence --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_an_update_that_overflows_is_caught_before_anything_is_saved(data_dir, tmp_path):
     cfg = smoke_cfg("baseline", *FAST, "train.learning_rate=1e39", "train.checkpoint_every=1")
     with pytest.raises(train.TrainingDivergedError,
@@ -84,6 +85,7 @@ def test_an_update_that_overflows_is_caught_before_anything_is_saved(data_dir, t
     assert _ckpts(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_every_checkpoint_of_a_diverging_run_is_finite(data_dir, tmp_path):
     cfg = smoke_cfg("baseline", *FAST, "train.learning_rate=1e30", "train.checkpoint_every=1",
                     "train.keep_checkpoints=50")
@@ -125,6 +127,7 @@ def _empty_state(step_dir: Path) -> None:
     (step_dir / "state").mkdir()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corrupt", [_truncate_json, _zero_arrays, _empty_state])
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(
         data_dir, tmp_path, straight, corrupt, capfd):
@@ -141,6 +144,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(
     assert (tmp_path / artifacts.PARAMS).read_bytes() == straight(6)
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_starts_over(data_dir, tmp_path, straight):
     cfg = smoke_cfg("baseline", *FAST)
     train.train_and_evaluate(cfg, data_dir, tmp_path, steps=4)
@@ -151,6 +155,7 @@ def test_no_intact_checkpoint_starts_over(data_dir, tmp_path, straight):
     assert (tmp_path / artifacts.PARAMS).read_bytes() == straight(6)
 
 
+@pytest.mark.slow
 def test_resuming_another_model_without_its_config_file_is_one_line(data_dir, tmp_path):
     train.train_and_evaluate(smoke_cfg("baseline", *FAST), data_dir, tmp_path, steps=2)
     (tmp_path / artifacts.RESOLVED_CONFIG).unlink()
@@ -175,6 +180,7 @@ def test_resuming_another_model_without_its_config_file_is_one_line(data_dir, tm
 
 # -- two writers -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_trainer_on_one_directory_gets_one_line_naming_the_holder(data_dir, tmp_path):
     tmp_path.mkdir(exist_ok=True)
     lock = checkpoint.RunLock(tmp_path, what="the first trainer").acquire()
@@ -213,6 +219,7 @@ def _last_logged_step(out: Path) -> int:
     return max((json.loads(ln)["step"] for ln in lines), default=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_within_seconds_saves_and_resumes_exactly(data_dir, tmp_path, straight,
                                                                   sig):
@@ -241,6 +248,7 @@ def test_a_signal_stops_within_seconds_saves_and_resumes_exactly(data_dir, tmp_p
     assert (tmp_path / artifacts.PARAMS).read_bytes() == straight(target)
 
 
+@pytest.mark.slow
 def test_signals_at_random_points_lose_nothing(data_dir, tmp_path, straight):
     """SIGTERM, SIGINT and SIGKILL at seeded random times (during start-up, compilation,
     steps or checkpoint writes); then the run is finished and must match a straight run."""
@@ -282,6 +290,7 @@ def _umount(path: Path) -> None:
     subprocess.run(check=False, args=["umount", "-l", str(path)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(data_dir, tmp_path):
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, "size=3m")
@@ -298,6 +307,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(data_dir, tmp_
         _umount(disk)
 
 
+@pytest.mark.slow
 def test_a_read_only_output_is_one_line(data_dir, tmp_path):
     disk = tmp_path / "ro"
     _mount_tmpfs(disk, "size=1m", "ro")

@@ -76,6 +76,7 @@ def test_winograd_gradients_equal_direct_conv_gradients(hw):
     np.testing.assert_allclose(gw, want_gw, atol=2e-5 * np.abs(want_gw).max(), rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["doubling", "nondoubling", "baseline"])
 def test_algorithms_share_parameters_and_decode_alike(variant):
     files = [f"configs/{variant}.yaml", "configs/smoke.yaml"]

@@ -132,6 +132,7 @@ def test_damage_zeroes_a_square_in_the_chosen_rows_only():
     assert int((c == 0).all(-1).sum()) == 3 * 14 * 14
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["baseline", "doubling", "nondoubling"])
 def test_jit_equals_no_jit(variant):
     model = _model(variant, smoke=True)
@@ -146,6 +147,7 @@ def test_jit_equals_no_jit(variant):
     assert np.isfinite(eager["elbo"]).all()
 
 
+@pytest.mark.slow
 def test_remat_does_not_change_gradients():
     model = _model("doubling", smoke=True)
     no_remat = dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, remat=False))

@@ -122,6 +122,7 @@ def test_compile_cli_writes_the_default_tpu_image(tmp_path, capsys):
     assert "config_baseline" not in spec["root"]["inputDefinitions"]["parameters"]
 
 
+@pytest.mark.slow
 def test_submit_dry_run_prints_parameters_and_machine_specs(capsys, monkeypatch):
     def no_network(*a, **k):
         raise AssertionError("a dry run must not contact Google Cloud")

@@ -87,6 +87,7 @@ def test_machine_table_and_chip_counts():
         plan.machine_for("n1-standard-4")
 
 
+@pytest.mark.slow
 def test_plan_of_the_smoke_configs_prints_every_variant():
     plans = [plan.make_plan(config.load([f"configs/{v}.yaml", "configs/smoke.yaml"]))
              for v in ("baseline", "doubling", "nondoubling")]

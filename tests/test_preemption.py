@@ -59,6 +59,7 @@ def model_uri(request, tmp_path):
         shutil.rmtree(Path("/gcs", bucket), ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_uri", ["local", "gcs"], indirect=True)
 def test_a_killed_train_step_resumes_from_its_own_checkpoint(tmp_path, model_uri):
     uri, path = model_uri

@@ -196,6 +196,7 @@ def test_docker_runner_mounts_extra_folders_read_only(tmp_path):
 FAST = ["train.steps=3", "train.log_every=1", "train.val_every=3", "eval.probe_steps=10"]
 
 
+@pytest.mark.slow
 def test_run_local_runs_every_step_end_to_end(capsys, tmp_path):
     root = tmp_path / "runs"
     sets = [arg for item in FAST for arg in ("--set", item)]

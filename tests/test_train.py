@@ -148,6 +148,7 @@ FAST = ("train.checkpoint_every=2", "train.log_every=2", "train.val_every=3",
         "train.val_images=8", "train.batch_size=4", "train.pool.size=8")
 
 
+@pytest.mark.slow
 def test_train_writes_contract_files_and_resumes_to_the_same_params(data_dir, tmp_path):
     cfg = smoke_cfg("nondoubling", *FAST)
     full = train.train_and_evaluate(cfg, data_dir=data_dir, out_dir=tmp_path / "a", steps=4)
@@ -230,6 +231,7 @@ def _malformed_copies_are_refused(run: Path, tmp: Path) -> None:
         assert needle in str(e.value)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     cfg = smoke_cfg("baseline", "train.checkpoint_every=1", "train.log_every=1",
                     "train.val_every=0", "train.batch_size=4", "train.learning_rate=1e30")

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from test_train import FAST, make_dataset, smoke_cfg
 
 from vnca import artifacts, train
@@ -21,6 +22,7 @@ def _ckpt_steps(out: Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
+@pytest.mark.slow
 def test_sigkill_then_restart_matches_an_uninterrupted_run(tmp_path):
     data = make_dataset(tmp_path / "data")
     cfg = smoke_cfg("nondoubling", *FAST)  # pool variant: params, Adam state and pool resume
