@@ -73,7 +73,7 @@ def test_artifact_files(bundled_out):
     assert not list(bundled_out.glob(".prepare-data-*"))
 
 
-def test_match_report_is_read_through_its_contract(bundled_out, tmp_path):
+def test_match_report_is_read_through_its_contract(bundled_out, refuses_edited_copies):
     """The report the step wrote reads back with its splits and groups typed; the same file
     with one thing wrong is refused in one line naming it."""
     path = bundled_out / artifacts.MATCH_REPORT
@@ -96,15 +96,7 @@ def test_match_report_is_read_through_its_contract(bundled_out, tmp_path):
         (lambda d: d["splits"]["test"].update(margin={"counts": [1], "edges": [0, 1]}),
          "unknown key 'splits.test.margin'"),
     ]
-    for edit, needle in cases:
-        bad = json.loads(json.dumps(good))
-        edit(bad)
-        copy = tmp_path / artifacts.MATCH_REPORT
-        copy.write_text(json.dumps(bad))
-        with pytest.raises(DataError) as e:
-            contracts.MatchReport.read(copy)
-        assert "\n" not in str(e.value) and str(e.value).startswith(f"{copy}: "), needle
-        assert needle in str(e.value)
+    refuses_edited_copies(contracts.MatchReport.read, artifacts.MATCH_REPORT, good, cases)
 
 
 def test_tampered_bundle_is_refused(monkeypatch):

@@ -13,7 +13,6 @@ from test_evaluate import CONFIGS, random_params
 from vnca import artifacts, config, contracts, reference
 from vnca.cli import main
 from vnca.data import pad_images
-from vnca.errors import DataError
 from vnca.evaluate import eval_keys, evaluate
 from vnca.evaluation import bound, latent
 from vnca.models import build_model
@@ -178,7 +177,7 @@ def test_damage_probe_tsne_interpolation_arrays(nondoubling_run):
     assert set(np.unique(a["samples_binary"])) <= {0, 1}
 
 
-def test_metrics_json_is_read_through_its_contract(nondoubling_run, tmp_path):
+def test_metrics_json_is_read_through_its_contract(nondoubling_run, refuses_edited_copies):
     """The file the step wrote reads back as what it returned, with every section of the
     non-doubling model; the same file with one thing wrong is refused in one line."""
     path = nondoubling_run["out"] / artifacts.EVAL_METRICS
@@ -197,15 +196,7 @@ def test_metrics_json_is_read_through_its_contract(nondoubling_run, tmp_path):
         (lambda d: d.update(figures="tsne.png"), "'figures' must be a list"),
         (lambda d: d["tsne"].update(knn5_accuracy=0.5), "unknown key 'tsne.knn5_accuracy'"),
     ]
-    for edit, needle in cases:
-        bad = json.loads(json.dumps(good))
-        edit(bad)
-        copy = tmp_path / artifacts.EVAL_METRICS
-        copy.write_text(json.dumps(bad))
-        with pytest.raises(DataError) as e:
-            contracts.EvalMetrics.read(copy)
-        assert "\n" not in str(e.value) and str(e.value).startswith(f"{copy}: "), needle
-        assert needle in str(e.value)
+    refuses_edited_copies(contracts.EvalMetrics.read, artifacts.EVAL_METRICS, good, cases)
 
 
 def test_every_figure_of_the_variant_is_a_png(nondoubling_run):
