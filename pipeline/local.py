@@ -27,7 +27,6 @@ a second run with the same root skips most compilation.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -40,7 +39,7 @@ from pathlib import Path
 from components.images import default_image
 from pipeline.console import ANSI, BAR, STARTED, StepConsole, format_seconds
 from pipeline.pipeline import build_pipeline, load_variants
-from vnca import artifacts, storage
+from vnca import artifacts, contracts, storage
 from vnca import config as vnca_config
 from vnca.errors import UserError
 
@@ -346,15 +345,11 @@ def print_summary(out, run_dir: Path, times: list, total_s: float) -> None:
     print(f"  {'total':<24} {format_seconds(total_s):>8}", file=out)
     rows = []
     for path in sorted(run_dir.glob(f"evaluate-*/evaluation/{artifacts.EVAL_METRICS}")):
-        try:
-            m = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        iw, rec = m.get("iwelbo") or {}, m.get("reconstruction") or {}
-        untrained = (m.get("untrained") or {}).get("mean_nats")
-        rows.append((m.get("name", path.parent.parent.name), iw.get("k"), iw.get("mean_nats"),
-                     iw.get("stderr_nats"), untrained, rec.get("accuracy"),
-                     (m.get("classifier") or {}).get("test_accuracy")))
+        m = contracts.EvalMetrics.read(path)  # every step's outputs were checked already
+        rows.append((m.name, m.iwelbo.k, m.iwelbo.mean_nats, m.iwelbo.stderr_nats,
+                     m.untrained.mean_nats if m.untrained else None,
+                     m.reconstruction.accuracy if m.reconstruction else None,
+                     m.classifier.test_accuracy))
     if rows:
         print("\nheadline numbers (test split):", file=out)
         print(f"  {'variant':<14} {'IW bound (nats)':>18} {'untrained':>10} "
