@@ -76,6 +76,11 @@ def _png(path: Path, seed: int, shape=(12, 20)) -> None:
     mpimage.imsave(path, img, cmap="gray")
 
 
+# The code commit of each run; the baseline's summary has none (an older run).
+COMMITS = {"doubling": "0123456789abcdef0123456789abcdef01234567",
+           "nondoubling": "fedcba9876543210fedcba9876543210fedcba98+dirty", "baseline": None}
+
+
 def _write_train(d: Path, variant: str, smoke: bool) -> None:
     d.mkdir(parents=True)
     paths = [REPO / "configs" / f"{variant}.yaml"]
@@ -86,7 +91,7 @@ def _write_train(d: Path, variant: str, smoke: bool) -> None:
         variant=variant, name=variant, steps=steps, wall_time_s=wall, hardware=hw,
         n_devices=ndev, n_processes=1, smoke=smoke, tier="smoke" if smoke else "paper",
         param_count=1234567, final_loss=2.5, batch_size=8, train_split="train",
-        resumed_from_step=0).write(d / artifacts.TRAIN_SUMMARY)
+        resumed_from_step=0, commit=COMMITS[variant]).write(d / artifacts.TRAIN_SUMMARY)
     for step in (0, 10, 100, 1000):
         contracts.append_train_record(d / artifacts.TRAIN_METRICS, train_record(step))
         if step == 1000 and variant != "baseline":  # baseline: no validation records
@@ -341,6 +346,8 @@ def test_results_table_numbers(built):
                                                                                       abs=5e-4)
         assert r["untrained model (nats)"] == "-543.25 ± 3.50"
         assert r["trained, same images (nats)"] == "-87.50 (8 images)"
+    assert {v: d["commit"] for v, d in details.items()} == {
+        "doubling": "0123456789ab", "nondoubling": "fedcba987654+dirty", "baseline": "—"}
     wall = {v: d["training wall time"] for v, d in details.items()}
     assert wall == {"doubling": "1 h 02 min", "nondoubling": "20 min 34 s",
                     "baseline": "42.5 s"}

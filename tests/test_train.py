@@ -156,6 +156,8 @@ def test_train_writes_contract_files_and_resumes_to_the_same_params(data_dir, tm
     for key in ("name", "wall_time_s", "hardware", "n_devices", "smoke", "param_count",
                 "final_loss"):
         assert key in full
+    from vnca.provenance import source_commit
+    assert full["commit"] == source_commit() and full["commit"]  # this checkout's commit
     a = tmp_path / "a"
     assert contracts.TrainSummary.read(a / artifacts.TRAIN_SUMMARY).to_dict() == full
     log = contracts.read_train_log(a / artifacts.TRAIN_METRICS)

@@ -392,6 +392,7 @@ class TrainSummary(Artifact):
     batch_size: Positive
     train_split: Literal["train", "train+valid"]
     resumed_from_step: Count
+    commit: str | None = None  # the code's git commit (`vnca.provenance`), when known
 
 
 @contract

@@ -54,6 +54,7 @@ from vnca.errors import ConfigError, DataError, UserError
 from vnca.fileio import write_atomic
 from vnca.models import build_model, count_params
 from vnca.models.vae import VAE, resolve_backend
+from vnca.provenance import source_commit
 
 
 class TrainingDivergedError(UserError):
@@ -599,7 +600,7 @@ def _train(cfg: Config, x_train: np.ndarray, x_valid: np.ndarray, out: Path, dev
         hardware=hardware, n_devices=len(devices), n_processes=jax.process_count(),
         smoke=cfg.smoke, tier=cfg.tier, param_count=count_params(abstract["params"]),
         final_loss=final_loss, batch_size=tc.batch_size, train_split=tc.train_split,
-        resumed_from_step=start)
+        resumed_from_step=start, commit=source_commit())
     if main:
         from vnca.models.model_io import save_params
 

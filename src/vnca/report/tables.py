@@ -28,6 +28,7 @@ RESULT_COLUMNS = [
     "untrained_stderr_nats", "trained_same_images_nats", "untrained_n_images",
     "reconstruction_accuracy", "classifier_accuracy_originals", "prior_top_probability",
     "steps", "wall_time_s", "hardware", "n_devices", "k", "n_images", "tier", "smoke",
+    "commit",
 ]
 
 
@@ -88,6 +89,7 @@ def results_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
             "n_images": _attr(m, "iwelbo", "n_images"),
             "tier": tier,
             "smoke": tier == "smoke",
+            "commit": _attr(s, "commit"),
         })
     return pd.DataFrame(rows, columns=RESULT_COLUMNS).astype(object)
 
@@ -154,8 +156,17 @@ def format_results(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def short_commit(commit: str | None) -> str:
+    """'0123456789ab' (+ '+dirty') of a full commit id; MISSING when unknown."""
+    if not commit:
+        return MISSING
+    sha, dirty, _ = commit.partition("+dirty")
+    return sha[:12] + ("+dirty" if dirty else "")
+
+
 def format_run_details(df: pd.DataFrame) -> pd.DataFrame:
-    """How each result was made: training steps, wall time, hardware, K and test images."""
+    """How each result was made: training steps, wall time, hardware, K, test images and the
+    code's commit."""
     out = []
     for r in df.to_dict("records"):
         r = {k: _cell(v) for k, v in r.items()}
@@ -171,6 +182,7 @@ def format_run_details(df: pd.DataFrame) -> pd.DataFrame:
             "hardware": hardware,
             "K (importance samples)": _fmt(r["k"], "d"),
             "test images": _fmt(r["n_images"], ","),
+            "commit": short_commit(r["commit"]),
         })
     return pd.DataFrame(out)
 
