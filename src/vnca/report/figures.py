@@ -63,6 +63,9 @@ def plot_training_curves(curves: pd.DataFrame) -> bytes | None:
                      estimator=None, sort=True, marker="o" if metric == "val_elbo" else None,
                      markersize=5, linewidth=1.6, legend=False)
         ax.set_xscale("log")
+        # Label decades only: on a panel spanning less than a decade the minor labels
+        # (2x10^2, 3x10^2, ...) run into one another.
+        ax.xaxis.set_minor_formatter(mpl.ticker.NullFormatter())
         ax.set_title(title)
         ax.set_xlabel("training step (log)")
         ax.set_ylabel("")
