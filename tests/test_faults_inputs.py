@@ -53,24 +53,24 @@ def _variant_dirs(dirs: dict, key: str, name: str) -> dict:
 # -- building blocks: each returns a path made under tmp from the module's good inputs ---------
 
 
-def model_with(inp, tmp: Path, name: str, content) -> Path:
-    """A copy of the good model directory with file `name` replaced (bytes, a function of the
+def _copy_with(src: Path, dst: Path, files: tuple, name: str, content) -> Path:
+    """`dst`: the files of `src` (links), with file `name` replaced (bytes, a function of the
     good bytes, or "DIR" for a directory in its place)."""
-    d = tmp / "model"
-    d.mkdir()
-    for f in (artifacts.RESOLVED_CONFIG, artifacts.PARAMS):
-        os.symlink(inp["model"] / f, d / f)
-    _replace(d / name, content)
-    return d
+    dst.mkdir()
+    for f in files:
+        os.symlink(src / f, dst / f)
+    _replace(dst / name, content)
+    return dst
+
+
+def model_with(inp, tmp: Path, name: str, content) -> Path:
+    return _copy_with(inp["model"], tmp / "model", (artifacts.RESOLVED_CONFIG, artifacts.PARAMS),
+                      name, content)
 
 
 def data_with(inp, tmp: Path, name: str, content) -> Path:
-    d = tmp / "data"
-    d.mkdir()
-    for f in (artifacts.DATASET, artifacts.DIGIT_CLASSIFIER):
-        os.symlink(inp["data"] / f, d / f)
-    _replace(d / name, content)
-    return d
+    return _copy_with(inp["data"], tmp / "data", (artifacts.DATASET, artifacts.DIGIT_CLASSIFIER),
+                      name, content)
 
 
 def _replace(path: Path, content) -> None:
