@@ -5,11 +5,13 @@ evaluated with the smoke overlay's eval section). The bound goes to a Metrics ar
 Vertex AI shows next to the step.
 """
 
+from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
-from components.images import component
+from vnca_pipeline.components.images import CPU_IMAGE
 
 
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def evaluate(
     data: Input[Dataset],
     model: Input[Model],
@@ -28,6 +30,3 @@ def evaluate(
     metrics.log_metric("bits_per_dim", float(iw["bits_per_dim"]))
     if "reconstruction" in result:
         metrics.log_metric("reconstruction_accuracy", float(result["reconstruction"]["accuracy"]))
-
-
-evaluate_op = component(evaluate)

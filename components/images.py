@@ -3,8 +3,8 @@
 Every step of a compiled pipeline runs in one image (`base_image`), chosen at compile time:
 `vnca compile --image URI` (or `images/build.sh`, which builds, pushes and compiles with the tag
 it pushed). Without `--image`, the target's default below is used. The images are built from
-`images/Dockerfile` (`--build-arg ACCEL=cpu|tpu|cuda`); each already contains `vnca` and `kfp`,
-so tasks never pip-install anything at run time (`install_kfp_package=False`).
+`images/Dockerfile` (`--build-arg ACCEL=cpu|tpu|cuda`); each already contains `vnca` with its
+`pipeline` extra (kfp), so tasks never pip-install anything at run time (`install_kfp_package=False`).
 
 The image names contain "python" on purpose: kfp.local's SubprocessRunner warns about images
 whose name lacks it (the image is not used by that runner, only by Docker and Vertex AI).
@@ -32,11 +32,14 @@ def default_image(target: str) -> str:
     return image_uri(TARGET_ACCEL[target])
 
 
-def component(func, image: str | None = None):
-    """Make a lightweight KFP component of `func` that runs in `image` (default: CPU image).
+# The image of a component as the modules below declare it (@dsl.component(base_image=...)).
+CPU_IMAGE = image_uri("cpu")
+
+
+def with_image(component, image: str):
+    """A fresh copy of `component` (a @dsl.component) that runs in `image`: the same function
+    and options, the base image chosen when the pipeline is compiled (`--image`).
 
     No `packages_to_install` and no kfp install at task start: the image has everything.
     """
-    return dsl.component(
-        func, base_image=image or default_image("local"), install_kfp_package=False
-    )
+    return dsl.component(component.python_func, base_image=image, install_kfp_package=False)

@@ -4,11 +4,13 @@ On Vertex AI a `gs://` raw or TFDS directory is read through its `/gcs/` mount; 
 the Vertex pipeline downloads the raw files (`--source raw --download`) into a scratch folder.
 """
 
+from kfp import dsl
 from kfp.dsl import Dataset, Output
 
-from components.images import component
+from vnca_pipeline.components.images import CPU_IMAGE
 
 
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def prepare_data(
     dataset: Output[Dataset],
     source: str = "bundled",
@@ -30,6 +32,3 @@ def prepare_data(
                      tfds_dir=mounted_path(tfds_dir))
     dataset.metadata["source"] = source
     dataset.metadata["summary"] = str(report.get("summary", ""))
-
-
-prepare_data_op = component(prepare_data)

@@ -1,11 +1,10 @@
 """report step: one report over every variant's evaluation and training run.
 
-A KFP component has a fixed signature, and KFP v2 can only hand a list of artifacts to a step
-from a `dsl.ParallelFor` fan-out, so the report component is generated for the variants a
-pipeline is compiled with: `report_component(["baseline", "doubling"])` is a lightweight
-component with inputs `data`, `eval_baseline`, `model_baseline`, `eval_doubling`,
-`model_doubling`. Its source (below, with the input list filled in) is what the compiled YAML
-embeds, like any other lightweight component's.
+A KFP component has a fixed signature, and KFP v2 hands a list of artifacts to a step only from
+a `dsl.ParallelFor` fan-out, so each variant's evaluation and model are inputs of their own:
+`report` takes the three variants of the pipeline, `report_one_variant` the one variant of a
+pipeline compiled from one config (pipeline/pipeline.py). A new variant is a new pair of
+inputs here and a new line in the pipeline.
 
 Outputs: `report_dir` (report.html, report.md and its figures, as `vnca report` writes them),
 `report_html` (a copy of the self-contained report.html as an HTML artifact, which the Vertex AI
@@ -14,77 +13,60 @@ console; they are also on each evaluate step, but GCPC's custom-job wrapper, whi
 evaluation on Vertex AI, is known to drop output-artifact metadata: kubeflow/pipelines#7234).
 """
 
-import keyword
-import linecache
-import re
-
+from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-from components.images import component
-from vnca.errors import ConfigError
+from vnca_pipeline.components.images import CPU_IMAGE
 
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
-_SOURCE = '''\
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def report(
     data: Input[Dataset],
-{inputs}
+    eval_baseline: Input[Artifact],
+    model_baseline: Input[Model],
+    eval_doubling: Input[Artifact],
+    model_doubling: Input[Model],
+    eval_nondoubling: Input[Artifact],
+    model_nondoubling: Input[Model],
     report_dir: Output[Artifact],
     report_html: Output[HTML],
     bounds: Output[Metrics],
 ):
-    """Build report.html / report.md over the variants {names}."""
+    """Build report.html / report.md over the variants baseline, doubling, nondoubling."""
     import os
     import shutil
 
     from vnca import artifacts, contracts
     from vnca.report import build_report
 
-    evals = {{{evals}}}
-    models = [{models}]
+    evals = {"baseline": eval_baseline.path, "doubling": eval_doubling.path, "nondoubling": eval_nondoubling.path}
+    models = [model_baseline.path, model_doubling.path, model_nondoubling.path]
     html = build_report(eval_dirs=list(evals.values()), train_dirs=models, data_dir=data.path,
                         out_dir=report_dir.path)
     shutil.copyfile(html, report_html.path)
     for name, eval_dir in evals.items():
         metrics = contracts.EvalMetrics.read(os.path.join(eval_dir, artifacts.EVAL_METRICS))
-        bounds.log_metric(f"{{name}}_iwelbo_nats", metrics.iwelbo.mean_nats)
-'''
+        bounds.log_metric(f"{name}_iwelbo_nats", metrics.iwelbo.mean_nats)
 
 
-def check_variant_names(names: list[str]) -> None:
-    """Variant names become input names: lower-case identifiers, each used once."""
-    for name in names:
-        if not _NAME.match(name) or keyword.iskeyword(name):
-            raise ConfigError(
-                f"config name {name!r} cannot name a pipeline variant: use lower-case letters, "
-                "digits and underscores, starting with a letter"
-            )
-    if len(set(names)) != len(names) or not names:
-        raise ConfigError(f"the pipeline needs distinct config names, got {names}")
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def report_one_variant(
+    data: Input[Dataset],
+    evaluation: Input[Artifact],
+    model: Input[Model],
+    report_dir: Output[Artifact],
+    report_html: Output[HTML],
+    bounds: Output[Metrics],
+):
+    """Build report.html / report.md over one variant."""
+    import os
+    import shutil
 
+    from vnca import artifacts, contracts
+    from vnca.report import build_report
 
-def report_function(names: list[str]):
-    """The report step's Python function for variants `names` (source kept for KFP)."""
-    check_variant_names(names)
-    source = _SOURCE.format(
-        inputs="\n".join(
-            f"    eval_{n}: Input[Artifact],\n    model_{n}: Input[Model]," for n in names
-        ),
-        names=", ".join(names),
-        evals=", ".join(f'"{n}": eval_{n}.path' for n in names),
-        models=", ".join(f"model_{n}.path" for n in names),
-    )
-    filename = f"<vnca report component: {', '.join(names)}>"
-    # inspect.getsource (which KFP uses to embed the body) finds generated code in linecache.
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    namespace = {
-        "__name__": "vnca_report_component", "Input": Input, "Output": Output,
-        "Artifact": Artifact, "Dataset": Dataset, "Model": Model, "HTML": HTML, "Metrics": Metrics,
-    }
-    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own template
-    return namespace["report"]
-
-
-def report_component(names: list[str], image: str | None = None):
-    """The report step as a lightweight component for variants `names`."""
-    return component(report_function(names), image)
+    html = build_report(eval_dirs=[evaluation.path], train_dirs=[model.path], data_dir=data.path,
+                        out_dir=report_dir.path)
+    shutil.copyfile(html, report_html.path)
+    metrics = contracts.EvalMetrics.read(os.path.join(evaluation.path, artifacts.EVAL_METRICS))
+    bounds.log_metric(f"{metrics.name}_iwelbo_nats", metrics.iwelbo.mean_nats)

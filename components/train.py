@@ -3,11 +3,13 @@
 The config travels as a pipeline parameter (YAML text), so a submission can override it.
 """
 
+from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
-from components.images import component
+from vnca_pipeline.components.images import CPU_IMAGE
 
 
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def train(config: str, data: Input[Dataset], model: Output[Model]):
     """Train the variant described by `config` (YAML text) on `data`; write it to `model`."""
     from vnca import config as vnca_config
@@ -16,6 +18,3 @@ def train(config: str, data: Input[Dataset], model: Output[Model]):
     cfg = vnca_config.loads(config, source="the train step's config parameter")
     summary = train_and_evaluate(cfg, data_dir=data.path, out_dir=model.path)
     model.metadata.update(name=cfg.name, variant=cfg.model.variant, steps=int(summary["steps"]))
-
-
-train_op = component(train)

@@ -109,7 +109,7 @@ images/build_base.sh "$base_image"
 begin "CPU image (images/build.sh --local)"
 if [[ -n "$ca_bundle" && ! -s "$ca_bundle" ]]; then ca_bundle=""; fi
 BASE_IMAGE="$base_image" CA_BUNDLE="$ca_bundle" images/build.sh --local
-image="$(python -c 'from components.images import image_uri; print(image_uri("cpu"))')"
+image="$(python -c 'from vnca_pipeline.components.images import image_uri; print(image_uri("cpu"))')"
 podman history --format '{{.Size}}\t{{.CreatedBy}}' "$image" \
     | awk -F'\t' '$1 != "0 B" { printf "  %10s  %.90s\n", $1, $2 }'
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from kfp import compiler
 
-from pipeline.pipeline import build_pipeline
 from vnca import config as vnca_config
 from vnca.errors import UserError
+from vnca_pipeline.pipeline import build_pipeline
 
 
 def compile_pipeline(
@@ -38,10 +38,3 @@ def compile_pipeline(
     tmp.replace(output)
     return output
 
-
-if __name__ == "__main__":  # python -m pipeline.compile [ARGS] == vnca compile [ARGS]
-    import sys
-
-    from vnca.cli import main
-
-    sys.exit(main(["compile", *sys.argv[1:]]))

@@ -36,12 +36,13 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from components.images import default_image
-from pipeline.console import ANSI, BAR, STARTED, StepConsole, format_seconds
-from pipeline.pipeline import build_pipeline, load_variants
 from vnca import artifacts, contracts, storage
 from vnca import config as vnca_config
 from vnca.errors import UserError
+from vnca_pipeline.components.images import default_image
+from vnca_pipeline.console import ANSI, BAR, STARTED, StepConsole, format_seconds
+from vnca_pipeline.pipeline import build_pipeline
+from vnca_pipeline.variants import load_variants
 
 RUNNERS = ("subprocess", "docker")
 JAX_CACHE = ".jax-cache"
@@ -245,7 +246,7 @@ def run_local(
 ) -> Path:
     """Run prepare-data, train and evaluate per variant, and the report; return report.html.
 
-    The terminal shows one line per step and its progress (`pipeline.console`); everything
+    The terminal shows one line per step and its progress (`vnca_pipeline.console`); everything
     kfp.local and the steps print goes to the run's `run.log` (and, with `verbose`, also to
     the terminal)."""
     if storage.is_gcs_url(str(root)):

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.compile import compile_pipeline
-from pipeline.pipeline import PIPELINE_NAME
 from vnca import config as vnca_config
 from vnca import storage
 from vnca.errors import UserError
+from vnca_pipeline.compile import compile_pipeline
+from vnca_pipeline.pipeline import PIPELINE_NAME
 
 # Vertex AI runs a step without a machine spec as a CustomJob on this machine.
 VERTEX_DEFAULT_MACHINE = "e2-standard-4"
@@ -177,7 +177,8 @@ def _print_dry_run(spec, params, project, region, pipeline_root, service_account
         print(f"  {name:<{width}}  {desc}")
     from vnca import plan
 
-    cfgs = [vnca_config.loads(v, name) for name, v in params.items() if name.startswith("config_")]
+    cfgs = [vnca_config.loads(v, name) for name, v in params.items()
+            if name == "config" or name.startswith("config_")]
     print("plan (estimated before the run, `vnca plan` for options):")
     print(plan.format_plans([plan.make_plan(c, target) for c in cfgs]))
 

@@ -42,8 +42,8 @@ def _check_smoke_run(root: Path, train_steps: int | None = None) -> Path:
     """Every step of the one smoke run under `root` (a `vnca run-local` root, either runner)
     left its artifacts with sane values (and, if given, trained `train_steps` steps); returns
     the run's folder."""
-    from pipeline import local as run_local
-    from pipeline.pipeline import DEFAULT_VARIANTS
+    from vnca_pipeline import local as run_local
+    from vnca_pipeline.variants import DEFAULT_VARIANTS
 
     runs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("vnca-")]
     assert len(runs) == 1, runs

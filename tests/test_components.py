@@ -8,6 +8,7 @@ result (artifact paths, parsed config, Metrics and metadata). The real library b
 end to end in tests/test_run_local.py.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -19,13 +20,14 @@ import numpy as np
 import pytest
 from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 
-from components.evaluate import evaluate_op
-from components.prepare_data import prepare_data_op
-from components.report import report_component
-from components.train import train_op
-from pipeline.pipeline import CONFIG_DIR, config_text
 from vnca import artifacts, config, contracts
 from vnca.errors import ConfigError
+from vnca_pipeline.components.evaluate import evaluate as evaluate_op
+from vnca_pipeline.components.prepare_data import prepare_data as prepare_data_op
+from vnca_pipeline.components.report import report as report_op
+from vnca_pipeline.components.report import report_one_variant as report_one_variant_op
+from vnca_pipeline.components.train import train as train_op
+from vnca_pipeline.variants import CONFIG_DIR, config_text
 
 
 @pytest.fixture
@@ -162,48 +164,72 @@ def _eval_metrics(variant: str, bound: float) -> contracts.EvalMetrics:
         seconds={}, figures=[])
 
 
-def test_report_body_builds_one_report_and_logs_every_variants_bound(tmp_path, fake_module):
+@pytest.fixture
+def fake_build_report(fake_module):
+    """A stand-in vnca.report.build_report that records its calls and writes a report."""
     calls = []
 
     def build_report(eval_dirs, train_dirs, data_dir, out_dir):
         calls.append({"eval_dirs": eval_dirs, "train_dirs": train_dirs, "data_dir": data_dir,
-                          "out_dir": out_dir})
+                      "out_dir": out_dir})
         os.makedirs(out_dir)
         html = Path(out_dir) / artifacts.REPORT_HTML
-        html.write_text("<html>baseline doubling</html>")
+        html.write_text("<html>report</html>")
         (Path(out_dir) / artifacts.REPORT_MD).write_text("# report\n")
         return str(html)
 
     fake_module("vnca.report", build_report=build_report)
-    bounds_in = {"baseline": -86.5, "doubling": -84.25}
+    return calls
+
+
+def _evaluated(tmp_path, name: str, bound: float, variant: str | None = None):
+    """A variant's evaluation (with its metrics.json) and model artifacts."""
+    ev = tmp_path / f"evaluate-{name}" / "evaluation"
+    ev.mkdir(parents=True)
+    metrics = dataclasses.replace(_eval_metrics(variant or name, bound), name=name)
+    metrics.write(ev / artifacts.EVAL_METRICS)
+    return Artifact(uri=str(ev)), _artifact(Model, tmp_path / f"train-{name}" / "model")
+
+
+def _report_outputs(tmp_path) -> dict:
+    return {"report_dir": _artifact(Artifact, tmp_path / "report" / "report_dir"),
+            "report_html": _artifact(HTML, tmp_path / "report" / "report_html"),
+            "bounds": _artifact(Metrics, tmp_path / "report" / "bounds")}
+
+
+def test_report_body_builds_one_report_and_logs_every_variants_bound(tmp_path,
+                                                                     fake_build_report):
+    bounds_in = {"baseline": -86.5, "doubling": -84.25, "nondoubling": -90.0}
     inputs = {}
     for name, bound in bounds_in.items():
-        ev = tmp_path / f"evaluate-{name}" / "evaluation"
-        ev.mkdir(parents=True)
-        _eval_metrics(name, bound).write(ev / artifacts.EVAL_METRICS)
-        inputs[f"eval_{name}"] = Artifact(uri=str(ev))
-        inputs[f"model_{name}"] = _artifact(Model, tmp_path / f"train-{name}" / "model")
+        inputs[f"eval_{name}"], inputs[f"model_{name}"] = _evaluated(tmp_path, name, bound)
     data = _artifact(Dataset, tmp_path / "prepare-data" / "dataset")
-    report_dir = _artifact(Artifact, tmp_path / "report" / "report_dir")
-    report_html = _artifact(HTML, tmp_path / "report" / "report_html")
-    bounds = _artifact(Metrics, tmp_path / "report" / "bounds")
+    out = _report_outputs(tmp_path)
 
-    component = report_component(["baseline", "doubling"])
-    assert list(component.component_spec.inputs) == [
-        "data", "eval_baseline", "model_baseline", "eval_doubling", "model_doubling"]
-    component.python_func(data=data, report_dir=report_dir, report_html=report_html,
-                          bounds=bounds, **inputs)
+    assert list(report_op.component_spec.inputs) == [
+        "data", "eval_baseline", "model_baseline", "eval_doubling", "model_doubling",
+        "eval_nondoubling", "model_nondoubling"]
+    report_op.python_func(data=data, **out, **inputs)
 
-    assert calls == [{
-        "eval_dirs": [inputs["eval_baseline"].path, inputs["eval_doubling"].path],
-        "train_dirs": [inputs["model_baseline"].path, inputs["model_doubling"].path],
-        "data_dir": data.path, "out_dir": report_dir.path}]
-    assert Path(report_html.path).read_text() == "<html>baseline doubling</html>"
-    assert bounds.metadata == {"baseline_iwelbo_nats": -86.5, "doubling_iwelbo_nats": -84.25}
-    assert all(math.isfinite(v) for v in bounds.metadata.values())
+    assert fake_build_report == [{
+        "eval_dirs": [inputs[f"eval_{n}"].path for n in bounds_in],
+        "train_dirs": [inputs[f"model_{n}"].path for n in bounds_in],
+        "data_dir": data.path, "out_dir": out["report_dir"].path}]
+    assert Path(out["report_html"].path).read_text() == "<html>report</html>"
+    assert out["bounds"].metadata == {f"{n}_iwelbo_nats": b for n, b in bounds_in.items()}
+    assert all(math.isfinite(v) for v in out["bounds"].metadata.values())
 
 
-@pytest.mark.parametrize("names", [["Doubling"], ["a-b"], ["class"], ["x", "x"], []])
-def test_report_component_rejects_names_that_cannot_be_inputs(names):
-    with pytest.raises(ConfigError):
-        report_component(names)
+def test_one_variant_report_body_logs_the_bound_under_the_variants_name(tmp_path,
+                                                                        fake_build_report):
+    evaluation, model = _evaluated(tmp_path, "wide_doubling", -84.25, variant="doubling")
+    data = _artifact(Dataset, tmp_path / "prepare-data" / "dataset")
+    out = _report_outputs(tmp_path)
+
+    assert list(report_one_variant_op.component_spec.inputs) == ["data", "evaluation", "model"]
+    report_one_variant_op.python_func(data=data, evaluation=evaluation, model=model, **out)
+
+    assert fake_build_report == [{"eval_dirs": [evaluation.path], "train_dirs": [model.path],
+                                  "data_dir": data.path, "out_dir": out["report_dir"].path}]
+    assert Path(out["report_html"].path).read_text() == "<html>report</html>"
+    assert out["bounds"].metadata == {"wide_doubling_iwelbo_nats": -84.25}

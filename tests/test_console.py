@@ -3,7 +3,7 @@ bars, a failed step's last lines; everything to the log file untouched."""
 
 import io
 
-from pipeline.console import StepConsole, format_seconds
+from vnca_pipeline.console import StepConsole, format_seconds
 
 KFP_LINES = [
     "\x1b[36m2026-12-02 06:23:37.031 - INFO - Executing task 'train-doubling'\x1b[0m",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from components.images import default_image
-from vnca import cli
+from vnca_pipeline import cli
+from vnca_pipeline.components.images import default_image
 
 IMAGE = os.environ.get("VNCA_IMAGE") or default_image("local")
 REQUIRED = os.environ.get("VNCA_REQUIRE_CONTAINERS") == "1"

@@ -1,5 +1,6 @@
 """The compiled pipeline: the committed pipeline.yaml is current, each target carries the
-machine spec of each variant's config, and `vnca submit` dry-runs / fails cleanly offline."""
+machine spec of each variant's config, the one-variant shape, and `vnca submit` dry-runs /
+fails cleanly offline."""
 
 import json
 from pathlib import Path
@@ -7,10 +8,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.images import default_image
-from pipeline.compile import compile_pipeline
-from pipeline.pipeline import CONFIG_DIR, DEFAULT_VARIANTS, REPO_ROOT, load_variants
-from vnca import cli, config
+from vnca import config
+from vnca.errors import ConfigError
+from vnca_pipeline import cli
+from vnca_pipeline.compile import compile_pipeline
+from vnca_pipeline.components.images import default_image
+from vnca_pipeline.variants import (
+    CONFIG_DIR,
+    DEFAULT_VARIANTS,
+    REPO_ROOT,
+    check_variant_names,
+    load_variants,
+)
 
 IMAGE = "europe-west4-docker.pkg.dev/p/r/vnca-python-tpu:abc123"
 
@@ -110,6 +119,12 @@ def test_local_compile_runs_every_step_in_the_image_without_installing(tmp_path)
         ["data"] + [f"{k}_{n}" for n in DEFAULT_VARIANTS for k in ("eval", "model")])
 
 
+def test_the_variants_order_is_the_pipelines_not_the_command_lines(tmp_path):
+    reordered = [CONFIG_DIR / f"{n}.yaml" for n in reversed(DEFAULT_VARIANTS)]
+    spec = _load(compile_pipeline(tmp_path / "p.yaml", configs=reordered))
+    assert not _differences(spec, _load(REPO_ROOT / "pipeline.yaml"))
+
+
 def test_compile_cli_writes_the_default_tpu_image(tmp_path, capsys):
     out = tmp_path / "p.yaml"
     assert cli.main(["compile", "--output", str(out), "--config",
@@ -118,8 +133,43 @@ def test_compile_cli_writes_the_default_tpu_image(tmp_path, capsys):
     spec = _load(out)
     assert _worker_pool(spec, "train-doubling")[0]["container_spec"]["image_uri"] == (
         default_image("vertex-tpu"))
-    assert list(spec["root"]["inputDefinitions"]["parameters"]).count("config_doubling") == 1
-    assert "config_baseline" not in spec["root"]["inputDefinitions"]["parameters"]
+    # The one-variant shape: its config is the parameter `config`.
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert sorted(params) == ["config", "data_source", "download", "raw_dir", "tfds_dir"]
+    assert config.loads(params["config"]["defaultValue"]) == config.load(
+        [CONFIG_DIR / "doubling.yaml"])
+
+
+def test_one_variant_pipeline_of_any_name(tmp_path):
+    cfg = config.load([CONFIG_DIR / "doubling.yaml"], ["name=wide_doubling"])
+    spec = _load(compile_pipeline(tmp_path / "p.yaml", target="local", image=IMAGE,
+                                  configs=[cfg]))
+    tasks = spec["root"]["dag"]["tasks"]
+    assert sorted(tasks) == ["evaluate-wide-doubling", "prepare-data", "report",
+                             "train-wide-doubling"]
+    assert tasks["train-wide-doubling"]["inputs"]["parameters"]["config"] == {
+        "componentInputParameter": "config"}
+    report = tasks["report"]["inputs"]["artifacts"]
+    assert report["evaluation"]["taskOutputArtifact"]["producerTask"] == "evaluate-wide-doubling"
+    assert report["model"]["taskOutputArtifact"]["producerTask"] == "train-wide-doubling"
+    assert sorted(report) == ["data", "evaluation", "model"]
+
+
+@pytest.mark.parametrize("names", [["baseline", "doubling"],
+                                   ["baseline", "doubling", "wide_doubling"]])
+def test_other_shapes_are_refused_in_one_line(names, tmp_path):
+    configs = [config.load([CONFIG_DIR / f"{n.removeprefix('wide_')}.yaml"], [f"name={n}"])
+               for n in names]
+    with pytest.raises(ConfigError) as e:
+        compile_pipeline(tmp_path / "p.yaml", configs=configs)
+    assert "\n" not in str(e.value) and "baseline, doubling, nondoubling or any one" in str(
+        e.value)
+
+
+@pytest.mark.parametrize("names", [["Doubling"], ["a-b"], ["class"], ["x", "x"], []])
+def test_variant_names_must_be_distinct_identifiers(names):
+    with pytest.raises(ConfigError):
+        check_variant_names(names)
 
 
 @pytest.mark.slow
@@ -222,7 +272,7 @@ def test_submit_hands_the_compiled_template_to_a_pipeline_job(capsys, monkeypatc
     pools = _worker_pool(seen["spec"], "train-doubling")
     assert pools[0]["machine_spec"]["accelerator_type"] == "NVIDIA_TESLA_A100"
     assert pools[0]["container_spec"]["image_uri"] == IMAGE
-    assert config.loads(seen["parameter_values"]["config_doubling"]) == config.load(
+    assert config.loads(seen["parameter_values"]["config"]) == config.load(
         [CONFIG_DIR / "doubling.yaml"])
     assert seen["parameter_values"]["download"] is True
     assert "submitted projects/123/locations/europe-west4/pipelineJobs/vnca-1" in (

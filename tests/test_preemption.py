@@ -19,16 +19,17 @@ import pytest
 from kfp.dsl import Dataset, Model
 from test_train import make_dataset, smoke_cfg
 
-from components.train import train_op
-from pipeline.pipeline import config_text
 from vnca import artifacts, train
+from vnca_pipeline.components.train import train as train_op
+from vnca_pipeline.variants import config_text
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
 FAST = ("train.checkpoint_every=2", "train.log_every=2", "train.val_every=0",
         "train.batch_size=4", "train.pool.size=8", f"train.steps={STEPS}")
 RUN_COMPONENT = (
-    "import sys; from kfp.dsl import Dataset, Model; from components.train import train_op; "
+    "import sys; from kfp.dsl import Dataset, Model; "
+    "from vnca_pipeline.components.train import train as train_op; "
     "train_op.python_func(config=sys.argv[1], data=Dataset(uri=sys.argv[2]), "
     "model=Model(uri=sys.argv[3]))")
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import local as run_local
-from pipeline.pipeline import DEFAULT_VARIANTS
-from vnca import artifacts, cli
+from vnca import artifacts
+from vnca_pipeline import cli
+from vnca_pipeline import local as run_local
+from vnca_pipeline.variants import DEFAULT_VARIANTS
 
 
 def _one_line_error(capsys, argv) -> str:

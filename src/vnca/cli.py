@@ -1,5 +1,10 @@
 """`vnca` command line: parse arguments, call one library function, print where results are.
 
+This module has the library's subcommands (prepare-data, train, evaluate, report; also
+`python -m vnca.cli`). The `vnca` console script is `vnca_pipeline.cli`, which adds the
+pipeline's subcommands (compile, run-local, plan, submit) to this parser: the library never
+imports the pipeline.
+
 Every subcommand is thin: library code lives in the modules it imports (lazily, so `vnca
 report --help` never imports JAX). A `UserError` becomes one line on stderr and exit status 2.
 """
@@ -8,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from vnca.errors import UserError, environment_problem, quiet_closed_event_loops
 
@@ -90,54 +96,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compile(args: argparse.Namespace) -> int:
-    from pipeline.compile import compile_pipeline
-
-    path = compile_pipeline(
-        output=args.output, target=args.target, image=args.image, configs=args.config
-    )
-    print(f"compiled pipeline written to {path}")
-    return 0
-
-
-def cmd_run_local(args: argparse.Namespace) -> int:
-    from pipeline.local import run_local
-
-    tier = "smoke" if args.smoke else "paper" if args.full else args.tier
-    report = run_local(
-        configs=args.config, root=args.root, runner=args.runner, tier=tier,
-        data_source=args.data_source, raw_dir=args.raw_dir, image=args.image,
-        overrides=args.overrides, verbose=args.verbose,
-    )
-    print(f"\npipeline finished; report: {report}")
-    return 0
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    from pipeline.pipeline import load_variants
-    from vnca import plan
-
-    if not 0 < args.utilisation <= 1:
-        raise UserError(f"--utilisation must be in (0, 1], got {args.utilisation}")
-    variants = load_variants(args.config or None, args.tier, args.overrides)
-    plans = [plan.make_plan(v.config, args.target, args.utilisation) for v in variants]
-    print(plan.format_plans(plans))
-    return 0
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    from pipeline.submit import submit
-
-    submit(
-        project=args.project, region=args.region, pipeline_root=args.pipeline_root,
-        service_account=args.service_account, target=args.target, image=args.image,
-        configs=args.config, dry_run=args.dry_run, tier="smoke" if args.smoke else "paper",
-        overrides=args.overrides,
-    )
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    *extensions: Callable[[argparse._SubParsersAction], None],
+) -> argparse.ArgumentParser:
+    """The library's subcommands; each of `extensions` adds more to the subparsers."""
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=DefaultsFormatter,
         description="Variational Neural Cellular Automata: data, training, evaluation, report "
@@ -181,85 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (report.html, report.md)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("compile", help="compile the Kubeflow pipeline to YAML",
-                       formatter_class=DefaultsFormatter)
-    p.add_argument("--output", default="pipeline.yaml", help="output file")
-    p.add_argument("--target", choices=["local", "vertex-tpu", "vertex-gpu"], default="vertex-tpu",
-                   help="where the pipeline runs: train and evaluate as TPU or GPU custom jobs, "
-                   "or plain local steps")
-    p.add_argument("--image", help="container image for every step (default: the target's "
-                   "image in components/images.py; images/build.sh passes the tag it pushed)")
-    p.add_argument("--config", action="append", default=[], metavar="YAML",
-                   help="variant configs baked in as defaults (default: the three paper configs)")
-    p.set_defaults(func=cmd_compile)
-
-    p = sub.add_parser("run-local", help="run the whole pipeline locally with kfp.local",
-                       formatter_class=DefaultsFormatter)
-    p.add_argument("--config", action="append", default=[], metavar="YAML",
-                   help="variant configs; each gets its tier's overlay "
-                   "(default: configs/baseline.yaml, doubling.yaml and nondoubling.yaml)")
-    p.add_argument("--root", default="runs/local",
-                   help="local pipeline root directory (runs, logs, the compilation cache)")
-    p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
-                   help="run each step as a subprocess of this Python or in the image")
-    p.add_argument("--tier", choices=["demo", "cpu", "smoke", "paper"], default="demo",
-                   help="run size: demo (minutes, visibly learns), cpu (full data, about an "
-                   "hour), smoke (seconds, for tests), paper (the paper's configs)")
-    p.add_argument("--smoke", action="store_true", help="the same as --tier smoke")
-    p.add_argument("--full", action="store_true", help="the same as --tier paper")
-    p.add_argument("--verbose", action="store_true",
-                   help="also print everything kfp and the steps log (always in run.log)")
-    p.add_argument("--data-source", choices=["bundled", "raw", "tfds"], default="bundled",
-                   help="the bundled sample (2,000/500/1,000 images), the raw files in "
-                   "--raw-dir (50,000/10,000/10,000) or TensorFlow Datasets")
-    p.add_argument("--raw-dir", help="with --data-source raw: directory of the raw files")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value in every variant, e.g. --set train.steps=5")
-    p.add_argument("--image", help="with --runner docker: image for every step "
-                   "(default: the CPU image named in components/images.py)")
-    p.set_defaults(func=cmd_run_local)
-
-    p = sub.add_parser("plan", help="what each variant's run will cost: FLOPs, memory, "
-                       "wall time and chip-hours on its machine", formatter_class=DefaultsFormatter)
-    p.add_argument("--config", action="append", default=[], metavar="YAML",
-                   help="variant configs (default: the three paper configs)")
-    p.add_argument("--tier", choices=["paper", "cpu", "demo", "smoke"], default="paper",
-                   help="the tier's overlay goes on each config, as in run-local")
-    p.add_argument("--target", choices=["vertex-tpu", "vertex-gpu"], default="vertex-tpu",
-                   help="the config's TPU slice or GPU machine")
-    p.add_argument("--utilisation", type=float, default=0.3,
-                   help="assumed share of the chips' peak matrix throughput")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value in every variant")
-    p.set_defaults(func=cmd_plan)
-
-    p = sub.add_parser("submit", help="compile and submit the pipeline to Vertex AI",
-                       formatter_class=DefaultsFormatter)
-    p.add_argument("--project", help="Google Cloud project id")
-    p.add_argument("--region", default="us-central1", help="Vertex AI region")
-    p.add_argument("--pipeline-root", required=True, help="gs://BUCKET/PATH for artifacts")
-    p.add_argument("--service-account",
-                   help="service account the pipeline and its custom jobs run as")
-    p.add_argument("--target", choices=["vertex-tpu", "vertex-gpu"], default="vertex-tpu",
-                   help="train and evaluate on the TPU slice or the GPU machine of each config")
-    p.add_argument("--image", help="container image for every step (default: the target's "
-                   "image in components/images.py)")
-    p.add_argument("--config", action="append", default=[], metavar="YAML",
-                   help="variant configs (default: the three paper configs)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value in every variant (the job's config_* parameters)")
-    p.add_argument("--smoke", action="store_true",
-                   help="layer configs/smoke.yaml on the configs and use the bundled data sample "
-                   "(a cheap end-to-end check of the Vertex AI setup)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the job's parameters and machine specs; contact nothing")
-    p.set_defaults(func=cmd_submit)
+    for extend in extensions:
+        extend(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run one subcommand of `parser` (default: the library's) and return the exit status."""
+    args = (parser or build_parser()).parse_args(argv)
     sys.unraisablehook = quiet_closed_event_loops(sys.unraisablehook)
     try:
         return args.func(args)

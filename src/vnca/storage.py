@@ -45,8 +45,20 @@ FUSE_ROOT = "/gcs"
 RETRY_TIMEOUT_S = 300.0
 
 
+def _gcs():
+    """The google.cloud.storage module, imported here (not at import time), or one line
+    saying how to install it: it is in the `pipeline` extra, not a core dependency."""
+    try:
+        from google.cloud import storage
+    except ImportError:
+        raise UserError("gs:// copies need google-cloud-storage, which the pipeline extra "
+                        "installs: pip install 'vnca[pipeline]'") from None
+    return storage
+
+
 def default_retry() -> Retry:
     """Retry transient errors (429, 500, 502, 503, 504, connection errors) with backoff."""
+    _gcs()
     from google.cloud.storage.retry import DEFAULT_RETRY
 
     return DEFAULT_RETRY.with_timeout(RETRY_TIMEOUT_S)
@@ -81,8 +93,8 @@ def mounted_path(url: str | None) -> str | None:
 
 def make_client(project: str | None = None) -> storage.Client:
     """A storage client; with STORAGE_EMULATOR_HOST set it talks to that emulator."""
+    storage = _gcs()
     from google.auth.exceptions import DefaultCredentialsError
-    from google.cloud import storage
 
     if os.environ.get("STORAGE_EMULATOR_HOST"):
         from google.auth.credentials import AnonymousCredentials
