@@ -21,10 +21,12 @@ import shutil
 import socket
 import sys
 from pathlib import Path
+from typing import Self
 
 import jax
 import numpy as np
 
+from vnca.config import flatten
 from vnca.errors import ConfigError, UserError, environment_problem
 
 CORRUPT_DIR = "ckpt-corrupt"
@@ -40,15 +42,9 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
-def _flat_shapes(tree, prefix: str = "") -> dict[str, tuple]:
-    """{'a/b/c': shape} of a nested dict whose leaves have a `.shape`."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat_shapes(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = tuple(v.shape)
-    return out
+def _flat_shapes(tree: dict) -> dict[str, tuple]:
+    """{'a.b.c': shape} of a nested dict whose leaves have a `.shape`."""
+    return {name: tuple(leaf.shape) for name, leaf in flatten(tree).items()}
 
 
 def all_finite(tree) -> bool:
@@ -75,6 +71,12 @@ class Checkpointer:
         handlers = {"state": ocp.StandardCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler()}
         self._mgr = ocp.CheckpointManager(self.directory, options=opts, item_handlers=handlers)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def steps(self) -> list[int]:
         return sorted(self._mgr.all_steps())
@@ -126,7 +128,7 @@ class Checkpointer:
                 if want.get(name) != have.get(name):
                     raise ConfigError(
                         f"{self.directory}: checkpoint {step} holds another model "
-                        f"({part}/{name}: {have.get(name)} in the checkpoint, {want.get(name)} "
+                        f"({part}.{name}: {have.get(name)} in the checkpoint, {want.get(name)} "
                         "in this config); use a new --out or the run's own config")
 
     def _quarantine(self, step: int, why: str) -> None:
@@ -199,6 +201,12 @@ class RunLock:
                  .encode())
         self._fd = fd
         return self
+
+    def __enter__(self) -> Self:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     def release(self) -> None:
         if self._fd is not None:

@@ -199,7 +199,8 @@ def make_plan(cfg: Config, target: str = "vertex-tpu",
     k_iw = cfg.eval.iw_samples
     xe = jax.ShapeDtypeStruct((1, n, n, 1), jnp.float32)
     eval_step = train.make_eval_step(model, k_iw)
-    per_image = expected_flops(eval_step, state["params"], xe, key, cfg=cfg)
+    index = jax.ShapeDtypeStruct((1,), jnp.int32)
+    per_image = expected_flops(eval_step, state["params"], xe, index, key, cfg=cfg)
     n_eval = cfg.eval.n_images or test_images
 
     compiled = jax.jit(step).lower(state, x, key).compile()

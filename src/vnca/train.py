@@ -17,18 +17,23 @@ its last n_pool batch rows start from pool states (some damaged) and all final s
 shuffled over the whole pool. Training images are `train` (default; `valid` is held out for
 monitoring) or `train+valid` as O and R do (`train.train_split`).
 
-The host loop feeds the batch of each step from per-epoch permutations `fold_in(data_key,
-epoch)` (so the data order is a function of the step; each process feeds the rows its devices
-hold), checks that the loss and gradient norm are finite before every log record and
-checkpoint (TrainingDivergedError otherwise, the last checkpoint stays the last good one),
-writes metrics as JSON lines, validates on a fixed subset of `valid` (never `test`),
-checkpoints with orbax (state + step, wall time and data position) and resumes from the latest
-complete checkpoint. Only process 0 writes files other than checkpoints (orbax saves are
+The host side, top-down: `train_and_evaluate` checks the inputs, takes the run directory's lock
+and its `Checkpointer`, and `_train` resumes (or starts) the run and hands it to a `TrainLoop`.
+The loop feeds the batch of each step (`Feeder`) from per-epoch permutations `fold_in(data_key,
+epoch)` (`DataOrder`: the data order is a function of the step; each process feeds the rows its
+devices hold), keeps a step or two in flight (`StepQueue`), checks that the loss, the gradient
+norm and the updated state are finite before every log record and checkpoint
+(TrainingDivergedError otherwise, the last checkpoint stays the last good one), writes metrics
+as JSON lines (`MetricsLog`), validates with the evaluation's bound (`vnca.evaluation.bound`) on
+a fixed subset of `valid` (never `test`), and checkpoints (state + step, wall time and data
+position). A first SIGINT or SIGTERM stops it after the current step with a checkpoint
+(`StopSignals`). Only process 0 writes files other than checkpoints (orbax saves are
 collective).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -51,15 +56,12 @@ from vnca import artifacts, config, contracts, distributed, losses, pool, rng
 from vnca.checkpoint import Checkpointer, RunLock
 from vnca.config import Config
 from vnca.errors import ConfigError, DataError, UserError
+from vnca.evaluation import bound
+from vnca.evaluation.batching import map_padded
 from vnca.fileio import write_atomic
 from vnca.models import build_model, count_params
 from vnca.models.vae import VAE, resolve_backend
 from vnca.provenance import source_commit
-
-
-class TrainingDivergedError(UserError):
-    """The loss or gradient norm became NaN or infinite."""
-
 
 # Config keys that may differ when resuming into an existing output directory; everything else
 # (model, data, seed, batch size, optimizer structure, pool) must match the checkpoint.
@@ -155,22 +157,13 @@ def make_train_step(model: VAE, cfg: Config) -> Callable:
 
 
 def make_eval_step(model: VAE, k_samples: int) -> Callable:
-    """`eval_step(params, x_BxHxWx1, key) -> [B]` importance-weighted bound with K samples
-    (K = 1: the one-sample ELBO with beta = 1), at evaluation settings (eval_mode)."""
+    """`eval_step(params, x_BxHxWx1, index_B, key) -> [B]`: the importance-weighted bound L_K
+    of `vnca.evaluation.bound` with K samples (K = 1: the one-sample ELBO with beta = 1), at
+    evaluation settings; image b's randomness comes from `fold_in(key, index_B[b])`."""
+    chunk = bound.sample_chunk(k_samples)
 
-    def eval_step(params, x_BxHxWx1, key):
-        mean_BxZ, std_BxZ = model.encode(params, x_BxHxWx1)
-
-        def one(k):
-            k_z, k_dec = jax.random.split(k)
-            z_BxZ = model.sample_z(mean_BxZ, std_BxZ, k_z)
-            logits = model.decode(params, z_BxZ, k_dec, eval_mode=True)
-            return (losses.bernoulli_loglik(logits, x_BxHxWx1[..., 0]),
-                    losses.std_normal_logpdf(z_BxZ),
-                    losses.diag_gaussian_logpdf(z_BxZ, mean_BxZ, std_BxZ))
-
-        log_px, log_pz, log_qz = jax.lax.map(one, jax.random.split(key, k_samples))
-        return losses.iw_bound(log_px.T, log_pz.T, log_qz.T)
+    def eval_step(params, x_BxHxWx1, index_B, key):
+        return bound.bound_terms(model, params, x_BxHxWx1, index_B, key, k_samples, chunk)["iw"]
 
     return eval_step
 
@@ -213,36 +206,104 @@ class DataOrder:
 
 
 # ---------------------------------------------------------------------------------------------
-# Host side: files, checkpoints, the loop.
+# A run, top-down.
 
 
-def _check_resumable(text: str, source: str, cfg: Config) -> None:
-    """The run whose config is `text` must match `cfg` except in RESUMABLE_KEYS."""
-    path = source
-    try:
-        old = config.loads(text, source)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: cannot read the config of the run in this directory ({e})")
-    a, b = config.flatten(config.to_dict(old)), config.flatten(config.to_dict(cfg))
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
-            and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)]
-    if diff:
-        raise ConfigError(f"{path}: the run in this directory has a different config "
-                          f"({', '.join(diff)}); use a new --out or the same config")
+def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                       steps: int | None = None, devices: list | None = None) -> dict:
+    """Train one variant into `out_dir` (resuming from its latest checkpoint); returns the
+    summary (`summary.json`). `devices` defaults to every device JAX sees."""
+    distributed.maybe_initialize()
+    devices = jax.devices() if devices is None else devices
+    cfg = resolve_backend(_with_steps(cfg, steps), devices[0].platform)  # "auto" settled once
+    check_batch(cfg, len(devices))
+    x_train, x_valid = training_images(cfg, data_dir)  # fail on bad data before writing
+    if len(x_train) == 0:
+        raise UserError(f"{data_dir}: the train split is empty")
+    out = _make_out_dir(out_dir)
+    with _run_lock(out), Checkpointer(out / artifacts.CHECKPOINTS,
+                                      cfg.train.keep_checkpoints) as ckpt, StopSignals() as stop:
+        return _train(cfg, x_train, x_valid, out, devices, ckpt, stop)
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= last_step:
-                keep.append(line)
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-    write_atomic(path, "".join(f"{line}\n" for line in keep))
+def _with_steps(cfg: Config, steps: int | None) -> Config:
+    """`cfg` with train.steps replaced by `steps` (the --steps option), if given."""
+    if steps is None:
+        return cfg
+    if steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {steps}")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+
+
+def _make_out_dir(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _run_lock(out: Path):
+    """The run directory's lock, held by the process that writes files (the others: none)."""
+    return RunLock(out) if distributed.is_main_process() else contextlib.nullcontext()
+
+
+def _train(cfg: Config, x_train: np.ndarray, x_valid: np.ndarray, out: Path, devices: list,
+           ckpt: Checkpointer, stop: StopSignals) -> dict:
+    main = distributed.is_main_process()
+    latest = _check_prior_run(cfg, out, ckpt)
+    finished = _finished_run(cfg, out, latest)
+    if finished is not None:
+        return finished  # finished already: nothing to do
+    if main:
+        write_atomic(out / artifacts.RESOLVED_CONFIG, config.dump(cfg))  # before step 0
+
+    model, keys = build_model(cfg), rng.named_keys(cfg.train.seed)
+    mesh = distributed.make_mesh(devices)
+    abstract, state_sh, init_fn, step_fn = _programs(model, _step_config(cfg), mesh)
+    state, meta = _restore_or_init(ckpt, latest, abstract, state_sh,
+                                   lambda: init_fn(keys["init"]))
+    start = int(meta["step"])
+    log = MetricsLog(out / artifacts.TRAIN_METRICS, enabled=main)
+    log.truncate(start)
+
+    feeder = Feeder(mesh, cfg.train.batch_size, cfg.data.pad_to)
+    order = DataOrder(keys["data"], len(x_train), cfg.train.batch_size)
+    val = Validator.maybe(model, cfg, x_valid, keys["valid"], mesh, feeder)
+    hardware = distributed.hardware_string(devices)
+    progress = Progress(cfg.train, start, ckpt.directory, hardware, main)
+    loop = TrainLoop(cfg, state, meta, step_fn, lambda s: feeder.images(x_train, order.indices(s)),
+                     keys["train"], val, log, ckpt, progress, stop, len(x_train))
+    state = loop.run()
+    summary = contracts.TrainSummary(
+        variant=cfg.model.variant, name=cfg.name, steps=cfg.train.steps,
+        wall_time_s=loop.clock.elapsed(), hardware=hardware, n_devices=len(devices),
+        n_processes=jax.process_count(), smoke=cfg.smoke, tier=cfg.tier,
+        param_count=count_params(abstract["params"]), final_loss=loop.final_loss,
+        batch_size=cfg.train.batch_size, train_split=cfg.train.train_split,
+        resumed_from_step=start, commit=source_commit())
+    if main:
+        _write_model(out, state["params"], summary)
+    return summary.to_dict()
+
+
+def _restore_or_init(ckpt: Checkpointer, latest: int | None, abstract: dict, shardings: dict,
+                     init: Callable[[], dict]) -> tuple[dict, dict]:
+    """(state, meta) of the newest intact checkpoint, or of a fresh state at step 0."""
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    restored = ckpt.restore_latest(target) if latest is not None else None
+    if restored is None:
+        return init(), {"step": 0, "elapsed_s": 0.0, "examples_seen": 0}
+    return restored
+
+
+def _write_model(out: Path, params: dict, summary: contracts.TrainSummary) -> None:
+    """The finished run's parameters, then its summary (whose presence means it finished)."""
+    from vnca.models.model_io import save_params
+
+    save_params(out / artifacts.PARAMS, _host_tree(params))
+    summary.write(out / artifacts.TRAIN_SUMMARY)
 
 
 def _host_tree(tree):
@@ -250,51 +311,99 @@ def _host_tree(tree):
     return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), tree)
 
 
-def _state_shardings(abstract: dict, mesh) -> dict:
-    repl, rows = distributed.replicated(mesh), distributed.batch_sharded(mesh)
-    n_dev = mesh.devices.size
+# ---------------------------------------------------------------------------------------------
+# The run directory: a run already there, the metrics log.
 
-    def pick(path, leaf):
-        in_pool = any(getattr(p, "key", None) == "pool" for p in path)
-        return rows if in_pool and leaf.shape and leaf.shape[0] % n_dev == 0 else repl
 
-    return jax.tree_util.tree_map_with_path(pick, abstract)
+def _check_resumable(text: str, source: str, cfg: Config) -> None:
+    """The run whose config is `text` must match `cfg` except in RESUMABLE_KEYS."""
+    try:
+        old = config.loads(text, source)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: cannot read the config of the run in this directory ({e})")
+    a, b = config.flatten(config.to_dict(old)), config.flatten(config.to_dict(cfg))
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)]
+    if diff:
+        raise ConfigError(f"{source}: the run in this directory has a different config "
+                          f"({', '.join(diff)}); use a new --out or the same config")
+
+
+def _saved_config_text(cfg_path: Path, ckpt: Checkpointer, latest: int) -> tuple[str, str]:
+    """(config text, where from) of the run in a directory: config.yaml, else the config the
+    checkpoint's metadata holds."""
+    if cfg_path.is_file():
+        return cfg_path.read_text(), str(cfg_path)
+    try:
+        text = ckpt.read_meta(latest).get("config")
+    except Exception:  # noqa: BLE001 - unreadable metadata: restore_latest sorts it out
+        text = None
+    return (text, f"{ckpt.directory}/{latest}") if text else ("", "")
+
+
+def _check_prior_run(cfg: Config, out: Path, ckpt: Checkpointer) -> int | None:
+    """The latest checkpoint's step, or None; a ConfigError when the run in `out` has another
+    config or is past train.steps."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return None
+    text, source = _saved_config_text(out / artifacts.RESOLVED_CONFIG, ckpt, latest)
+    if text:
+        _check_resumable(text, source, cfg)
+    if latest > cfg.train.steps:
+        raise ConfigError(f"{ckpt.directory}: holds step {latest}, past "
+                          f"train.steps={cfg.train.steps}; use a new --out or more steps")
+    return latest
+
+
+def _finished_run(cfg: Config, out: Path, latest: int | None) -> dict | None:
+    """The summary of the run in `out` when it finished train.steps already, else None."""
+    steps = cfg.train.steps
+    summary_path = out / artifacts.TRAIN_SUMMARY
+    if latest != steps or not (out / artifacts.PARAMS).is_file() or not summary_path.is_file():
+        return None
+    try:
+        finished = contracts.TrainSummary.read(summary_path)
+    except DataError:  # unreadable or of an older version: the run rewrites it
+        return None
+    return finished.to_dict() if finished.steps == steps else None
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one training or validation record a line (`vnca.contracts`); only the
+    process that writes files (`enabled`) touches it."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate(self, last_step: int) -> None:
+        """Drop the records logged after the checkpoint the run resumes from (they will be
+        logged again) and lines cut by a kill."""
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= last_step:
+                    keep.append(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+        write_atomic(self.path, "".join(f"{line}\n" for line in keep))
+
+    def append(self, rec: dict) -> None:
+        if self.enabled:
+            contracts.append_train_record(self.path,
+                                          contracts.train_record(rec, str(self.path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: the images, and global batches of them.
 
 
 def pad_images(x_NxHxW: np.ndarray, pad_to: int) -> np.ndarray:
     from vnca.data import pad_images as pad
 
     return pad(x_NxHxW, pad_to)
-
-
-def _step_config(cfg: Config) -> Config:
-    """The fields the compiled programs depend on (loop-only fields reset), as a cache key."""
-    t = cfg.train
-    return dataclasses.replace(
-        cfg, name="", tier="paper", eval=config.EvalConfig(), hardware=config.HardwareConfig(),
-        train=config.TrainConfig(batch_size=t.batch_size, learning_rate=t.learning_rate,
-                                 beta=t.beta, clip_norm=t.clip_norm, clip_order=t.clip_order,
-                                 pool=t.pool))
-
-
-@functools.lru_cache(maxsize=8)
-def _programs(model: VAE, cfg: Config, mesh):
-    """(abstract state, its shardings, jitted init, jitted train step) for a config and mesh;
-    cached so that repeated runs in one process (tests, resume) compile once."""
-    rows, repl = distributed.batch_sharded(mesh), distributed.replicated(mesh)
-    abstract = jax.eval_shape(lambda k: init_state(model, cfg, k), jax.random.key(0))
-    state_sh = _state_shardings(abstract, mesh)
-    init_fn = jax.jit(lambda k: init_state(model, cfg, k), out_shardings=state_sh)
-    step_fn = jax.jit(make_train_step(model, cfg), in_shardings=(state_sh, rows, repl),
-                      out_shardings=(state_sh, repl), donate_argnums=0)
-    return abstract, state_sh, init_fn, step_fn
-
-
-@functools.lru_cache(maxsize=8)
-def _eval_program(model: VAE, k_samples: int, mesh):
-    repl, rows = distributed.replicated(mesh), distributed.batch_sharded(mesh)
-    return jax.jit(make_eval_step(model, k_samples), in_shardings=(repl, rows, repl),
-                   out_shardings=repl)
 
 
 def _load_split(data_dir, split: str) -> np.ndarray:
@@ -314,13 +423,6 @@ def training_images(cfg: Config, data_dir) -> tuple[np.ndarray, np.ndarray]:
     return x_train, x_valid
 
 
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step",
-                dynamic_ncols=True, desc="train")
-
-
 def check_batch(cfg: Config, n_devices: int) -> None:
     b = cfg.train.batch_size
     if b % n_devices:
@@ -329,6 +431,309 @@ def check_batch(cfg: Config, n_devices: int) -> None:
     if b % jax.process_count():
         raise ConfigError(f"train.batch_size={b} must be a multiple of the number of "
                           f"processes ({jax.process_count()})")
+
+
+class Feeder:
+    """Global batches of `batch_size` rows, sharded along `data`: each process puts in the
+    block of rows its devices hold (`distributed.process_rows`)."""
+
+    def __init__(self, mesh, batch_size: int, pad_to: int):
+        self.sharding = distributed.batch_sharded(mesh)
+        self.local = distributed.process_rows(self.sharding, batch_size)
+        self.pad_to = pad_to
+
+    def images(self, x_uint8_NxHxW: np.ndarray, idx_B: np.ndarray) -> jax.Array:
+        """The padded float images `x[idx_B]`, `BxHxWx1`."""
+        x = pad_images(np.asarray(x_uint8_NxHxW[idx_B[self.local]]), self.pad_to)
+        return distributed.global_batch(x, self.sharding, len(idx_B))
+
+    def rows(self, a_B: np.ndarray) -> jax.Array:
+        """A per-row array (such as image indices) sharded like the images."""
+        return distributed.global_batch(np.asarray(a_B[self.local]), self.sharding, len(a_B))
+
+
+class Validator:
+    """`val(params) -> {'val_elbo', ...}`: the mean bound L_K (K = train.val_iw_samples) of
+    `vnca.evaluation.bound` on `index_N`, a fixed subset of the validation split (never test),
+    image i's randomness from `fold_in(key, i)` with i its index in the split: the evaluation's
+    bound on those images, the same noise at every validation."""
+
+    def __init__(self, model: VAE, cfg: Config, x_valid: np.ndarray, key: jax.Array, mesh,
+                 feeder: Feeder):
+        tc = cfg.train
+        n = min(tc.val_images, len(x_valid)) // tc.batch_size * tc.batch_size
+        k_subset, self.key = jax.random.split(key)
+        with jax.default_device(_host_device()):
+            self.index_N = np.asarray(jax.random.permutation(k_subset, len(x_valid)))[:n]
+        self.x_valid, self.feeder, self.batch_size = x_valid, feeder, tc.batch_size
+        self.k = tc.val_iw_samples
+        self.eval_fn = _eval_program(model, self.k, mesh)
+
+    @classmethod
+    def maybe(cls, model: VAE, cfg: Config, x_valid: np.ndarray, key: jax.Array, mesh,
+              feeder: Feeder) -> Validator | None:
+        """A validator, or None when the config validates never or on no image."""
+        tc = cfg.train
+        if tc.val_every <= 0 or min(tc.val_images, len(x_valid)) < tc.batch_size:
+            return None
+        return cls(model, cfg, x_valid, key, mesh, feeder)
+
+    def __call__(self, params: dict) -> dict:
+        def batch(_, idx_B):
+            x = self.feeder.images(self.x_valid, idx_B)
+            return self.eval_fn(params, x, self.feeder.rows(idx_B.astype(np.int32)), self.key)
+
+        iw_N = map_padded(batch, (self.index_N,), self.batch_size)
+        # K = 1: the one-sample ELBO (beta = 1); K > 1: the importance-weighted bound.
+        return {"val_elbo": float(iw_N.mean()), "val_images": len(self.index_N),
+                "val_iw_samples": self.k}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+class TrainLoop:
+    """One segment of a run, from a restored (or fresh) state to train.steps or a stop:
+    dispatch steps, fetch their metrics a step or two late, log, validate, checkpoint."""
+
+    def __init__(self, cfg: Config, state: dict, meta: dict, step_fn: Callable,
+                 batch: Callable[[int], jax.Array], key: jax.Array, val: Validator | None,
+                 log: MetricsLog, ckpt: Checkpointer, progress: Progress, stop: StopSignals,
+                 n_train: int):
+        self.cfg, self.tc = cfg, cfg.train
+        self.state, self.step_fn, self.batch, self.key = state, step_fn, batch, key
+        self.val, self.log, self.ckpt, self.stop = val, log, ckpt, stop
+        self.progress, self.n_train = progress, n_train
+        self.queue = StepQueue(progress)
+        self.clock = Clock(float(meta.get("elapsed_s", 0.0)))
+        self.interval = Interval(self.tc.batch_size, self.clock)
+        self.last_saved, self.final_loss = int(meta["step"]), meta.get("final_loss")
+
+    def run(self) -> dict:
+        """Train to train.steps (Interrupted when a signal stops it first); the final state."""
+        done = self.last_saved
+        try:
+            for s in range(self.last_saved, self.tc.steps):
+                if self.stop.requested:
+                    break
+                self.state, metrics = self.step_fn(self.state, self.batch(s), self.key)
+                self.queue.push(s, metrics)
+                done = s + 1
+                self._after_step(done)
+            self._flush()
+            if self.stop.requested:
+                self._stop(done)
+        finally:
+            self.progress.close()
+        return self.state
+
+    def _after_step(self, done: int) -> None:
+        tc = self.tc
+        is_ckpt = _due(tc.checkpoint_every, done, tc.steps)
+        is_log = _due(tc.log_every, done, tc.steps)
+        is_val = _due(tc.val_every, done, tc.steps)
+        if is_log or is_ckpt or is_val:
+            self._flush()
+        if is_log:
+            self._log(done)
+        if is_val and self.val is not None:
+            self._validate(done)
+        if is_ckpt:
+            self._save(done)
+
+    def _flush(self) -> None:
+        """Fetch the metrics of every dispatched step; stop on a non-finite value."""
+        for step, m in self.queue.drain():
+            bad = not_finite(m)
+            if bad:
+                where = (f"the last good checkpoint is step {self.last_saved} in "
+                         f"{self.ckpt.directory}" if self.ckpt.latest_step() is not None
+                         else "no checkpoint yet")
+                raise TrainingDivergedError(
+                    f"training diverged: {bad} at step {step + 1}; {where} (lower "
+                    "train.learning_rate or train.clip_norm and rerun)")
+            self.interval.add(m)
+            self.final_loss = float(m["loss"])
+
+    def _log(self, done: int) -> None:
+        rec = self.interval.record(done)
+        if rec is not None:
+            self.log.append(rec)
+            self.progress.show(rec)
+
+    def _validate(self, done: int) -> None:
+        t0 = time.time()
+        rec = {"step": done, "split": "valid", **self.val(self.state["params"])}
+        self.interval.exclude(time.time() - t0)
+        self.log.append(rec)
+
+    def _save(self, done: int) -> None:
+        b = self.tc.batch_size
+        meta = {"step": done, "elapsed_s": self.clock.elapsed(), "examples_seen": done * b,
+                "final_loss": self.final_loss, "data_epoch": done * b // self.n_train,
+                "config": config.dump(self.cfg)}
+        self.ckpt.save(done, self.state, meta)
+        self.last_saved = done
+
+    def _stop(self, done: int) -> None:
+        """After a stop signal: log and save the last finished step, then raise Interrupted."""
+        if done > self.last_saved:
+            self._log(done)
+            self._save(done)
+        signum = self.stop.requested
+        where = (f"checkpoint {self.last_saved:,} is in {self.ckpt.directory} (run the same "
+                 "command again to resume)" if self.ckpt.latest_step() is not None else
+                 "no checkpoint was written")
+        raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {done:,} of "
+                          f"{self.tc.steps:,}; {where}", signum)
+
+
+def _due(every: int, done: int, last: int) -> bool:
+    """Whether something done every `every` steps (0: never) and at the last step is due."""
+    return every > 0 and (done % every == 0 or done == last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress: the bar, the forecast, the steps in flight, the interval's means.
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def forecast(step_s: float, start: int, steps: int, checkpoint_every: int, ckpt_dir: Path,
+             hardware: str) -> str:
+    """One line: what the rest of the run will take at `step_s` seconds a step, and when and
+    where its next checkpoint lands."""
+    left = steps - start
+    nxt = min((start // checkpoint_every + 1) * checkpoint_every, steps)
+    return (f"train: {step_s:.3g} s/step on {hardware}: {left:,} steps left, about "
+            f"{format_duration(left * step_s)}; next checkpoint at step {nxt:,} (in about "
+            f"{format_duration((nxt - start) * step_s)}) in {ckpt_dir}")
+
+
+class Progress:
+    """The progress bar (process 0 only) and, once three steps after the first are timed, one
+    forecast line."""
+
+    def __init__(self, tc: config.TrainConfig, start: int, ckpt_dir: Path, hardware: str,
+                 enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.tc, self.ckpt_dir, self.hardware, self.enabled = tc, ckpt_dir, hardware, enabled
+        self.bar = tqdm(total=tc.steps, initial=start, disable=not enabled, unit="step",
+                        dynamic_ncols=True, desc="train")
+        self._ends: list[float] = []
+
+    def step_finished(self, step: int) -> None:
+        """Step `step` (0-based) finished on the device."""
+        self._ends.append(time.time())
+        self.bar.update(1)
+        left = self.tc.steps - (step + 1)
+        if self.enabled and len(self._ends) == 4 and left > 0:
+            step_s = (self._ends[-1] - self._ends[1]) / 2  # step 1 carries the compilation
+            self.bar.write(forecast(step_s, step + 1, self.tc.steps, self.tc.checkpoint_every,
+                                    self.ckpt_dir, self.hardware), file=sys.stderr)
+
+    def show(self, rec: dict) -> None:
+        self.bar.set_postfix(loss=f"{rec['loss']:.2f}", kl=f"{rec['kl']:.2f}",
+                             recon=f"{rec['recon']:.2f}", img_s=f"{rec['images_per_s']:.1f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# Steps dispatched ahead of the one the host waits for: enough to overlap feeding with
+# computing, few enough that a stop or an error is seen within a step or two.
+STEPS_IN_FLIGHT = 2
+
+
+class StepQueue:
+    """Dispatched steps whose metrics the host has not fetched yet."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self._in_flight: list[tuple[int, dict]] = []
+        self._finished: list[tuple[int, dict]] = []
+
+    def push(self, step: int, metrics: dict) -> None:
+        """Add a dispatched step; block until at most STEPS_IN_FLIGHT - 1 are unfinished."""
+        self._in_flight.append((step, metrics))
+        self._wait(STEPS_IN_FLIGHT - 1)
+
+    def _wait(self, n_left: int) -> None:
+        while len(self._in_flight) > n_left:
+            step, m = self._in_flight.pop(0)
+            jax.block_until_ready(m)
+            self._finished.append((step, m))
+            self.progress.step_finished(step)
+
+    def drain(self) -> list[tuple[int, dict]]:
+        """Finish every dispatched step; (step, host metrics) of those not drained before."""
+        self._wait(0)
+        host = jax.device_get([m for _, m in self._finished])
+        out = [(step, m) for (step, _), m in zip(self._finished, host)]
+        self._finished.clear()
+        return out
+
+
+class Clock:
+    """Wall time of the whole run: the time of earlier segments (from the checkpoint) plus
+    this one's."""
+
+    def __init__(self, elapsed_before: float):
+        self.before, self.t0 = elapsed_before, time.time()
+
+    def elapsed(self, now: float | None = None) -> float:
+        return self.before + (time.time() if now is None else now) - self.t0
+
+
+class Interval:
+    """Host metrics of the steps since the last training record and the time they took
+    (validation excluded): the record's means and throughput."""
+
+    MEANS = ("loss", "kl", "recon", "elbo", "grad_norm")
+
+    def __init__(self, batch_size: int, clock: Clock):
+        self.batch_size, self.clock = batch_size, clock
+        self.steps: list[dict] = []
+        self.t0 = time.time()
+
+    def add(self, m: dict) -> None:
+        self.steps.append({k: float(v) for k, v in m.items()})
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on something else (validation) is not training throughput."""
+        self.t0 += seconds
+
+    def record(self, step: int) -> dict | None:
+        """The training record of the interval ending at `step` (None if it is empty); starts
+        the next interval."""
+        if not self.steps:
+            return None
+        now = time.time()
+        keys = self.MEANS + (("pool_rows",) if "pool_rows" in self.steps[0] else ())
+        rec = {"step": step, **{k: float(np.mean([m[k] for m in self.steps])) for k in keys}}
+        rec["images_per_s"] = len(self.steps) * self.batch_size / max(now - self.t0, 1e-9)
+        rec["elapsed_s"] = self.clock.elapsed(now)
+        self.steps.clear()
+        self.t0 = now
+        return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping: signals, divergence.
+
+
+class TrainingDivergedError(UserError):
+    """The loss or gradient norm became NaN or infinite."""
 
 
 class Interrupted(UserError):
@@ -365,275 +770,56 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 48 * 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
+def not_finite(m: dict) -> str | None:
+    """What is not finite in one step's host metrics ('loss is nan', ...), or None."""
+    for k in ("loss", "grad_norm"):
+        if not math.isfinite(float(m[k])):
+            return f"{k} is {float(m[k])}"
+    if float(m["state_finite"]) != 1.0:
+        return "the updated parameters is not finite"
+    return None
 
 
-def forecast(step_s: float, start: int, steps: int, checkpoint_every: int, ckpt_dir: Path,
-             hardware: str) -> str:
-    """One line: what the rest of the run will take at `step_s` seconds a step, and when and
-    where its next checkpoint lands."""
-    left = steps - start
-    nxt = min((start // checkpoint_every + 1) * checkpoint_every, steps)
-    return (f"train: {step_s:.3g} s/step on {hardware}: {left:,} steps left, about "
-            f"{format_duration(left * step_s)}; next checkpoint at step {nxt:,} (in about "
-            f"{format_duration((nxt - start) * step_s)}) in {ckpt_dir}")
+# ---------------------------------------------------------------------------------------------
+# Compiled programs, cached per (model, config, mesh).
 
 
-def _saved_config_text(cfg_path: Path, ckpt: Checkpointer, latest: int) -> tuple[str, str]:
-    """(config text, where from) of the run in a directory: config.yaml, else the config the
-    checkpoint's metadata holds."""
-    if cfg_path.is_file():
-        return cfg_path.read_text(), str(cfg_path)
-    try:
-        text = ckpt.read_meta(latest).get("config")
-    except Exception:  # noqa: BLE001 - unreadable metadata: restore_latest sorts it out
-        text = None
-    return (text, f"{ckpt.directory}/{latest}") if text else ("", "")
+def _state_shardings(abstract: dict, mesh) -> dict:
+    repl, rows = distributed.replicated(mesh), distributed.batch_sharded(mesh)
+    n_dev = mesh.devices.size
+
+    def pick(path, leaf):
+        in_pool = any(getattr(p, "key", None) == "pool" for p in path)
+        return rows if in_pool and leaf.shape and leaf.shape[0] % n_dev == 0 else repl
+
+    return jax.tree_util.tree_map_with_path(pick, abstract)
 
 
-def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                       steps: int | None = None, devices: list | None = None) -> dict:
-    """Train one variant into `out_dir` (resuming from its latest checkpoint); returns the
-    summary (`summary.json`). `devices` defaults to every device JAX sees."""
-    distributed.maybe_initialize()
-    if steps is not None:
-        if steps < 1:
-            raise ConfigError(f"--steps must be at least 1, got {steps}")
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
-    out = Path(out_dir)
-    devices = jax.devices() if devices is None else devices
-    cfg = resolve_backend(cfg, devices[0].platform)  # "auto" settled once, recorded below
-    check_batch(cfg, len(devices))
-    x_train, x_valid = training_images(cfg, data_dir)  # fail on bad data before writing
-    if len(x_train) == 0:
-        raise UserError(f"{data_dir}: the train split is empty")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out) if distributed.is_main_process() else None
-    if lock is not None:
-        lock.acquire()
-    ckpt = Checkpointer(out / artifacts.CHECKPOINTS, cfg.train.keep_checkpoints)
-    try:
-        with StopSignals() as stop:
-            return _train(cfg, x_train, x_valid, out, devices, ckpt, stop)
-    finally:
-        ckpt.close()
-        if lock is not None:
-            lock.release()
+def _step_config(cfg: Config) -> Config:
+    """The fields the compiled programs depend on (loop-only fields reset), as a cache key."""
+    t = cfg.train
+    return dataclasses.replace(
+        cfg, name="", tier="paper", eval=config.EvalConfig(), hardware=config.HardwareConfig(),
+        train=config.TrainConfig(batch_size=t.batch_size, learning_rate=t.learning_rate,
+                                 beta=t.beta, clip_norm=t.clip_norm, clip_order=t.clip_order,
+                                 pool=t.pool))
 
 
-# Steps dispatched ahead of the one the host waits for: enough to overlap feeding with
-# computing, few enough that a stop or an error is seen within a step or two.
-STEPS_IN_FLIGHT = 2
+@functools.lru_cache(maxsize=8)
+def _programs(model: VAE, cfg: Config, mesh):
+    """(abstract state, its shardings, jitted init, jitted train step) for a config and mesh;
+    cached so that repeated runs in one process (tests, resume) compile once."""
+    rows, repl = distributed.batch_sharded(mesh), distributed.replicated(mesh)
+    abstract = jax.eval_shape(lambda k: init_state(model, cfg, k), jax.random.key(0))
+    state_sh = _state_shardings(abstract, mesh)
+    init_fn = jax.jit(lambda k: init_state(model, cfg, k), out_shardings=state_sh)
+    step_fn = jax.jit(make_train_step(model, cfg), in_shardings=(state_sh, rows, repl),
+                      out_shardings=(state_sh, repl), donate_argnums=0)
+    return abstract, state_sh, init_fn, step_fn
 
 
-def _train(cfg: Config, x_train: np.ndarray, x_valid: np.ndarray, out: Path, devices: list,
-           ckpt: Checkpointer, stop: StopSignals) -> dict:
-    tc = cfg.train
-    main = distributed.is_main_process()
-    mesh = distributed.make_mesh(devices)
-    cfg_path, params_path = out / artifacts.RESOLVED_CONFIG, out / artifacts.PARAMS
-    summary_path, metrics_path = out / artifacts.TRAIN_SUMMARY, out / artifacts.TRAIN_METRICS
-    latest = ckpt.latest_step()
-    if latest is not None:
-        text, source = _saved_config_text(cfg_path, ckpt, latest)
-        if text:
-            _check_resumable(text, source, cfg)
-    if latest is not None and latest > tc.steps:
-        raise ConfigError(f"{ckpt.directory}: holds step {latest}, past "
-                          f"train.steps={tc.steps}; use a new --out or more steps")
-    if latest == tc.steps and params_path.is_file() and summary_path.is_file():
-        try:
-            finished_run = contracts.TrainSummary.read(summary_path)
-        except DataError:  # unreadable or of an older version: the run below rewrites it
-            finished_run = None
-        if finished_run is not None and finished_run.steps == tc.steps:
-            return finished_run.to_dict()  # finished already: nothing to do
-    if main:
-        write_atomic(cfg_path, config.dump(cfg))  # the resolved config, before step 0
-
-    model = build_model(cfg)
-    keys = rng.named_keys(tc.seed)
-    order = DataOrder(keys["data"], len(x_train), tc.batch_size)
-    rows = distributed.batch_sharded(mesh)
-
-    abstract, state_sh, init_fn, step_fn = _programs(model, _step_config(cfg), mesh)
-    local_rows = distributed.process_rows(rows, tc.batch_size)
-
-    def feed(x_uint8_NxHxW: np.ndarray, idx_B: np.ndarray) -> jax.Array:
-        x = np.asarray(x_uint8_NxHxW[idx_B[local_rows]])
-        return distributed.global_batch(pad_images(x, cfg.data.pad_to), rows, len(idx_B))
-
-    target = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    restored = ckpt.restore_latest(target) if latest is not None else None
-    if restored is None:
-        state = init_fn(keys["init"])
-        meta = {"step": 0, "elapsed_s": 0.0, "examples_seen": 0}
-    else:
-        state, meta = restored
-    start = int(meta["step"])
-    if main:
-        _truncate_metrics(metrics_path, start)
-
-    # Validation: a fixed subset of `valid` (never test), the same noise at every validation.
-    val = _validator(model, cfg, x_valid, keys["valid"], mesh, feed)
-    hardware = distributed.hardware_string(devices)
-    t_segment = time.time()
-    elapsed0 = float(meta.get("elapsed_s", 0.0))
-    finished: list[tuple[int, dict]] = []  # steps whose metrics are not yet fetched
-    in_flight: list[tuple[int, dict]] = []
-    interval: list[dict] = []
-    step_ends: list[float] = []
-    t_interval, last_saved, final_loss = time.time(), start, meta.get("final_loss")
-
-    def wait_for(n_left: int, bar) -> None:
-        """Block until at most `n_left` dispatched steps are unfinished; count the rest."""
-        while len(in_flight) > n_left:
-            s, m = in_flight.pop(0)
-            jax.block_until_ready(m)
-            finished.append((s, m))
-            step_ends.append(time.time())
-            bar.update(1)
-            if main and len(step_ends) == 4 and tc.steps - (s + 1) > 0:
-                step_s = (step_ends[-1] - step_ends[1]) / 2  # step 1 carries the compilation
-                bar.write(forecast(step_s, s + 1, tc.steps, tc.checkpoint_every,
-                                   ckpt.directory, hardware), file=sys.stderr)
-
-    def flush(bar) -> None:
-        """Finish every dispatched step, fetch its metrics, stop on a non-finite value."""
-        nonlocal final_loss
-        wait_for(0, bar)
-        host = jax.device_get([m for _, m in finished])
-        for (s, _), m in zip(finished, host):
-            bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(m[k]))]
-            if not bad and float(m["state_finite"]) != 1.0:
-                bad = ["the updated parameters"]
-            if bad:
-                value = "not finite" if bad[0].startswith("the") else f"{float(m[bad[0]])}"
-                where = (f"the last good checkpoint is step {last_saved} in {ckpt.directory}"
-                         if ckpt.latest_step() is not None else "no checkpoint yet")
-                raise TrainingDivergedError(
-                    f"training diverged: {bad[0]} is {value} at step {s + 1}; "
-                    f"{where} (lower train.learning_rate or train.clip_norm and rerun)")
-            interval.append({k: float(v) for k, v in m.items()})
-            final_loss = float(m["loss"])
-        finished.clear()
-
-    def log_record(step: int, bar) -> None:
-        nonlocal t_interval
-        if not interval:
-            return
-        now = time.time()
-        rec = {"step": step}
-        for k in ("loss", "kl", "recon", "elbo", "grad_norm"):
-            rec[k] = float(np.mean([m[k] for m in interval]))
-        if "pool_rows" in interval[0]:
-            rec["pool_rows"] = float(np.mean([m["pool_rows"] for m in interval]))
-        rec["images_per_s"] = len(interval) * tc.batch_size / max(now - t_interval, 1e-9)
-        rec["elapsed_s"] = elapsed0 + now - t_segment
-        interval.clear()
-        t_interval = now
-        if main:
-            _append_jsonl(metrics_path, rec)
-            bar.set_postfix(loss=f"{rec['loss']:.2f}", kl=f"{rec['kl']:.2f}",
-                            recon=f"{rec['recon']:.2f}", img_s=f"{rec['images_per_s']:.1f}")
-
-    def save(done: int) -> None:
-        nonlocal last_saved
-        meta = {"step": done, "elapsed_s": elapsed0 + time.time() - t_segment,
-                "examples_seen": done * tc.batch_size, "final_loss": final_loss,
-                "data_epoch": done * tc.batch_size // len(x_train), "config": config.dump(cfg)}
-        ckpt.save(done, state, meta)
-        last_saved = done
-
-    bar = _progress(tc.steps, start, main)
-    done = start
-    try:
-        for s in range(start, tc.steps):
-            if stop.requested:
-                break
-            x = feed(x_train, order.indices(s))
-            state, m = step_fn(state, x, keys["train"])
-            in_flight.append((s, m))
-            wait_for(STEPS_IN_FLIGHT - 1, bar)
-            done = s + 1
-            is_ckpt = done % tc.checkpoint_every == 0 or done == tc.steps
-            is_log = done % tc.log_every == 0 or done == tc.steps
-            is_val = tc.val_every > 0 and (done % tc.val_every == 0 or done == tc.steps)
-            if is_log or is_ckpt or is_val:
-                flush(bar)
-            if is_log:
-                log_record(done, bar)
-            if is_val and val is not None:
-                t0 = time.time()
-                rec = {"step": done, "split": "valid", **val(state["params"])}
-                t_interval += time.time() - t0  # validation time is not training throughput
-                if main:
-                    _append_jsonl(metrics_path, rec)
-            if is_ckpt:
-                save(done)
-        flush(bar)
-        if stop.requested:
-            if done > last_saved:
-                log_record(done, bar)
-                save(done)
-            name = signal.Signals(stop.requested).name
-            where = (f"checkpoint {last_saved:,} is in {ckpt.directory} (run the same command "
-                     "again to resume)" if ckpt.latest_step() is not None else
-                     "no checkpoint was written")
-            raise Interrupted(f"stopped by {name} at step {done:,} of {tc.steps:,}; {where}",
-                              stop.requested)
-    finally:
-        bar.close()
-    wall = elapsed0 + time.time() - t_segment
-    summary = contracts.TrainSummary(
-        variant=cfg.model.variant, name=cfg.name, steps=tc.steps, wall_time_s=wall,
-        hardware=hardware, n_devices=len(devices), n_processes=jax.process_count(),
-        smoke=cfg.smoke, tier=cfg.tier, param_count=count_params(abstract["params"]),
-        final_loss=final_loss, batch_size=tc.batch_size, train_split=tc.train_split,
-        resumed_from_step=start, commit=source_commit())
-    if main:
-        from vnca.models.model_io import save_params
-
-        save_params(params_path, _host_tree(state["params"]))
-        summary.write(summary_path)
-    return summary.to_dict()
-
-
-def _append_jsonl(path: Path, rec: dict) -> None:
-    contracts.append_train_record(path, contracts.train_record(rec, str(path)))
-
-
-def _validator(model: VAE, cfg: Config, x_valid: np.ndarray, key: jax.Array, mesh,
-               feed: Callable) -> Callable | None:
-    """`val(params) -> {'val_elbo', ...}` on a fixed subset of the validation split."""
-    tc = cfg.train
-    b = tc.batch_size
-    n = min(tc.val_images, len(x_valid)) // b * b
-    if n == 0 or tc.val_every <= 0:
-        return None
-    k_subset, k_noise = jax.random.split(key)
-    with jax.default_device(_host_device()):
-        subset = np.asarray(jax.random.permutation(k_subset, len(x_valid)))[:n]
-    k = tc.val_iw_samples
-    eval_fn = _eval_program(model, k, mesh)
-
-    def val(params) -> dict:
-        bounds = []
-        for i in range(n // b):
-            x = feed(x_valid, subset[i * b:(i + 1) * b])
-            bounds.append(eval_fn(params, x, jax.random.fold_in(k_noise, i)))
-        vals = np.concatenate([np.asarray(jax.device_get(v)) for v in bounds])
-        # K = 1: the one-sample ELBO (beta = 1); K > 1: the importance-weighted bound.
-        return {"val_elbo": float(vals.mean()), "val_images": n, "val_iw_samples": k}
-
-    return val
+@functools.lru_cache(maxsize=8)
+def _eval_program(model: VAE, k_samples: int, mesh):
+    repl, rows = distributed.replicated(mesh), distributed.batch_sharded(mesh)
+    return jax.jit(make_eval_step(model, k_samples), in_shardings=(repl, rows, rows, repl),
+                   out_shardings=repl)

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
 
 from vnca import losses
+from vnca.evaluation.batching import map_padded
 from vnca.models.vae import VAE
 
 # Samples of one image decoded together. On the project's 2-core CPU the doubling VNCA's K = 128
@@ -111,31 +111,24 @@ def bound_fn(model: VAE, k: int, chunk: int | None = None) -> Callable:
 def iw_bound(model: VAE, params: dict, x_NxHxWx1: np.ndarray, index_N: np.ndarray,
              key: jax.Array, k: int, batch_size: int, progress: bool = True,
              devices: list | None = None, chunk: int | None = None) -> dict:
-    """L_K of every image, scored `batch_size` images (x K decodes) at a time; numpy [N] arrays.
-
-    The last batch is padded to the full batch size (so one program serves every batch) and the
-    padding rows are dropped. With several devices (default: all) each batch is split across
-    them, its size rounded up to a multiple of their number.
-    """
-    n = len(x_NxHxWx1)
+    """L_K, the K-sample mean ELBO and mean log p(x|z) of every image (numpy float64 [N]),
+    scored `batch_size` images (x K decodes) at a time (`batching.map_padded`). With several
+    devices (default: all) each batch is split across them, its size rounded up to a multiple
+    of their number."""
     devices = list(devices or jax.devices())
-    n_dev = len(devices)
-    batch_size = int(math.ceil(batch_size / n_dev) * n_dev)
+    batch_size = int(math.ceil(batch_size / len(devices)) * len(devices))
     fn = bound_fn(model, k, chunk)
     put = _sharded_put(devices)
     params = put(params, replicate=True)
-    out: dict[str, list] = {"iw": [], "elbo": [], "log_px": []}
-    starts = range(0, n, batch_size)
-    for start in tqdm(starts, desc=f"IW bound K={k}", unit="batch", disable=not progress,
-                      leave=False):
-        stop = min(start + batch_size, n)
-        rows = np.arange(start, start + batch_size).clip(max=stop - 1)
-        x = put(np.asarray(x_NxHxWx1[rows], np.float32))
-        idx = put(np.asarray(index_N[rows], np.int32))
-        res = jax.device_get(fn(params, x, idx, key))
-        for name, parts in out.items():
-            parts.append(np.asarray(res[name][: stop - start], np.float64))
-    return {name: (np.concatenate(v) if v else np.zeros(0)) for name, v in out.items()}
+
+    def batch(_, x_BxHxWx1, index_B):
+        return fn(params, put(np.asarray(x_BxHxWx1, np.float32)),
+                  put(np.asarray(index_B, np.int32)), key)
+
+    res = map_padded(batch, (x_NxHxWx1, index_N), batch_size, progress, f"IW bound K={k}")
+    if res is None:
+        return {name: np.zeros(0) for name in ("iw", "elbo", "log_px")}
+    return {name: np.asarray(v, np.float64) for name, v in res.items()}
 
 
 def _sharded_put(devices: list) -> Callable:

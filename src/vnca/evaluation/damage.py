@@ -31,9 +31,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from vnca import losses
+from vnca.evaluation.batching import map_padded
 from vnca.models import nca
 from vnca.models.vae import VAE
 
@@ -95,38 +95,25 @@ def damage_recovery(model: VAE, params: dict, x_NxHxWx1: np.ndarray, index_N: np
     if model.variant != "nondoubling":
         raise ValueError("damage recovery is defined for the non-doubling VNCA")
     fn = _damage_fn(model, damage_at, recovery_steps)
-    n = len(x_NxHxWx1)
-    parts: dict[str, list] = {}
-    kept = 0
-    for start in tqdm(range(0, n, batch_size), desc="damage recovery", unit="batch",
-                      disable=not progress, leave=False):
-        stop = min(start + batch_size, n)
-        rows = np.arange(start, start + batch_size).clip(max=stop - 1)
-        res = jax.device_get(fn(params, np.asarray(x_NxHxWx1[rows]),
-                                np.asarray(index_N[rows], np.int32), key))
-        for name in ("ll_undamaged", "ll_damaged"):
-            parts.setdefault(name, []).append(np.asarray(res[name][: stop - start], np.float64))
-        if kept < keep_frames:
-            for name in ("logits_undamaged", "logits_damaged"):
-                parts.setdefault(name, []).append(
-                    np.asarray(res[name][: stop - start], np.float32))
-            kept += stop - start
-    side = model.image_size
-    shapes = {"ll_undamaged": (damage_at + recovery_steps + 1,),
-              "ll_damaged": (recovery_steps + 1,),
-              "logits_undamaged": (damage_at + recovery_steps + 1, side, side),
-              "logits_damaged": (recovery_steps + 1, side, side)}
-    out = {}
-    for name, shape in shapes.items():
-        arrs = parts.get(name)
-        out[name] = np.concatenate(arrs) if arrs else np.zeros((0, *shape))
-        if name.startswith("logits"):
-            out[name] = out[name][:keep_frames]
-    return {"ll_undamaged_NxS": out["ll_undamaged"], "ll_damaged_NxR1": out["ll_damaged"],
-            "logits_undamaged_FxSxHxW": out["logits_undamaged"],
-            "logits_damaged_FxR1xHxW": out["logits_damaged"],
-            "steps_undamaged_S": np.arange(damage_at + recovery_steps + 1),
-            "steps_damaged_R1": np.arange(damage_at, damage_at + recovery_steps + 1)}
+
+    def batch(i, x_BxHxWx1, index_B):
+        res = fn(params, np.asarray(x_BxHxWx1), np.asarray(index_B, np.int32), key)
+        frames = max(0, keep_frames - i * batch_size)  # logits only of the images shown
+        return {name: res[name][:frames] if name.startswith("logits") else res[name]
+                for name in res}
+
+    res = map_padded(batch, (x_NxHxWx1, index_N), batch_size, progress, "damage recovery")
+    s, r1, side = damage_at + recovery_steps + 1, recovery_steps + 1, model.image_size
+    if res is None:
+        res = {"ll_undamaged": np.zeros((0, s)), "ll_damaged": np.zeros((0, r1)),
+               "logits_undamaged": np.zeros((0, s, side, side)),
+               "logits_damaged": np.zeros((0, r1, side, side))}
+    return {"ll_undamaged_NxS": np.asarray(res["ll_undamaged"], np.float64),
+            "ll_damaged_NxR1": np.asarray(res["ll_damaged"], np.float64),
+            "logits_undamaged_FxSxHxW": np.asarray(res["logits_undamaged"], np.float32),
+            "logits_damaged_FxR1xHxW": np.asarray(res["logits_damaged"], np.float32),
+            "steps_undamaged_S": np.arange(s),
+            "steps_damaged_R1": np.arange(damage_at, s)}
 
 
 def summarize(ll_undamaged_NxS: np.ndarray, ll_damaged_NxR1: np.ndarray, damage_at: int) -> dict:

@@ -10,23 +10,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
+from vnca.evaluation.batching import map_padded
 from vnca.models.vae import VAE
-
-
-def map_batches(fn, x_NxD: np.ndarray, batch_size: int, progress: bool = False,
-                desc: str = "batch") -> np.ndarray:
-    """`fn(batch_number, x_batch)` over `batch_size` rows at a time, concatenated; the last
-    batch is padded with copies of its last row (so every call runs one compiled program)."""
-    n = len(x_NxD)
-    out = []
-    for i, start in enumerate(tqdm(range(0, n, batch_size), desc=desc, unit="batch",
-                                   disable=not progress, leave=False)):
-        stop = min(start + batch_size, n)
-        rows = np.arange(start, start + batch_size).clip(max=stop - 1)
-        out.append(np.asarray(fn(i, np.asarray(x_NxD[rows])))[: stop - start])
-    return np.concatenate(out) if out else np.zeros((0,))
 
 
 @functools.lru_cache(maxsize=4)
@@ -40,7 +26,7 @@ def encoder_means(model: VAE, params: dict, x_NxHxWx1: np.ndarray, batch_size: i
     if not len(x_NxHxWx1):
         return np.zeros((0, model.cfg.z_dim), np.float32)
     fn = _encode_fn(model)
-    return map_batches(lambda _, x: fn(params, x), x_NxHxWx1, batch_size, progress, "encode")
+    return map_padded(lambda _, x: fn(params, x), (x_NxHxWx1,), batch_size, progress, "encode")
 
 
 def tsne(means_NxZ: np.ndarray, seed: int) -> np.ndarray:
@@ -100,8 +86,8 @@ def decode_batches(model: VAE, params: dict, z_NxZ: np.ndarray, key: jax.Array,
     if not len(z_NxZ):
         side = model.image_size
         return np.zeros((0, side, side), np.float32)
-    return map_batches(lambda i, z: decode(model, params, z, jax.random.fold_in(key, i)),
-                       np.asarray(z_NxZ, np.float32), batch_size, progress, "decode")
+    return map_padded(lambda i, z: decode(model, params, z, jax.random.fold_in(key, i)),
+                      (np.asarray(z_NxZ, np.float32),), batch_size, progress, "decode")
 
 
 def interpolations(model: VAE, params: dict, means_Px2xZ: np.ndarray, points: int,
@@ -138,9 +124,9 @@ def reconstructions(model: VAE, params: dict, x_NxHxWx1: np.ndarray, key: jax.Ar
         side = model.image_size
         return np.zeros((0, side, side), np.float32)
     fn = _recon_fn(model)
-    return map_batches(lambda i, x: fn(params, np.asarray(x, np.float32),
-                                       jax.random.fold_in(key, i)),
-                       x_NxHxWx1, batch_size, progress, "reconstruct")
+    return map_padded(lambda i, x: fn(params, np.asarray(x, np.float32),
+                                      jax.random.fold_in(key, i)),
+                      (x_NxHxWx1,), batch_size, progress, "reconstruct")
 
 
 def growth(model: VAE, params: dict, z_BxZ: np.ndarray, key: jax.Array) -> np.ndarray:

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
+from vnca.evaluation.batching import map_padded
 from vnca.models.vae import VAE
 
 N_CLASSES = 10
@@ -52,15 +52,15 @@ def final_states(model: VAE, params: dict, x_NxHxWx1: np.ndarray, index_N: np.nd
                  key: jax.Array, batch_size: int, progress: bool = True) -> np.ndarray:
     """Final cell states `NxHxWxC` (float32) of the images' reconstructions."""
     fn = _state_fn(model)
-    n = len(x_NxHxWx1)
-    out = []
-    for start in tqdm(range(0, n, batch_size), desc="probe states", unit="batch",
-                      disable=not progress, leave=False):
-        stop = min(start + batch_size, n)
-        rows = np.arange(start, start + batch_size).clip(max=stop - 1)
-        s = fn(params, np.asarray(x_NxHxWx1[rows]), np.asarray(index_N[rows], np.int32), key)
-        out.append(np.asarray(jax.device_get(s)[: stop - start], np.float32))
-    return np.concatenate(out)
+
+    def batch(_, x_BxHxWx1, index_B):
+        return fn(params, np.asarray(x_BxHxWx1), np.asarray(index_B, np.int32), key)
+
+    states = map_padded(batch, (x_NxHxWx1, index_N), batch_size, progress, "probe states")
+    if states is None:
+        side = model.image_size
+        return np.zeros((0, side, side, model.cfg.z_dim), np.float32)
+    return np.asarray(states, np.float32)
 
 
 def split_images(n_images: int, key: jax.Array, test_fraction: float = 0.2) -> tuple:
