@@ -289,9 +289,7 @@ def test_tfds_read_path_with_prepared_data(tmp_path, monkeypatch):
 
 
 @needs_shared
-def test_gzip_bomb_via_cli(tmp_path, capsys):
-    from test_data_raw import gzip_bomb
-
+def test_gzip_bomb_via_cli(tmp_path, capsys, gzip_bomb):
     d = raw_dir_with(tmp_path, drop=("binarized_mnist_test.amat",))
     gzip_bomb(d / "binarized_mnist_test.amat.gz", 200 << 20)
     out = tmp_path / "out"

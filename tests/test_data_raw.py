@@ -122,16 +122,7 @@ def test_parse_idx_errors(tmp_path):
         raw.parse_idx(labels, p, "idx1")
 
 
-def gzip_bomb(path: Path, n_bytes: int) -> Path:
-    """A gzip of `n_bytes` zeros, written in a streaming way (200 MB -> about 200 KB)."""
-    block = bytes(1 << 20)
-    with gzip.open(path, "wb", compresslevel=9) as f:
-        for _ in range(n_bytes // len(block)):
-            f.write(block)
-    return path
-
-
-def test_gzip_bomb_stops_at_the_expected_size(tmp_path):
+def test_gzip_bomb_stops_at_the_expected_size(tmp_path, gzip_bomb):
     """A gzip of zeros far larger than the file it stands for raised MemoryError (1.5 GB)."""
     import tracemalloc
 

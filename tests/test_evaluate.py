@@ -2,13 +2,11 @@
 one-image-at-a-time float64 reference on the same keys, the damage metric on a model built so
 that damage must cost exactly a known number of nats, and the probe's split by image."""
 
-import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,33 +15,17 @@ import pytest
 from scipy.special import logsumexp
 from scipy.stats import norm
 
-from vnca import config
 from vnca.errors import ConfigError
 from vnca.evaluate import eval_config, eval_keys
 from vnca.evaluation import bound, damage, probe
 from vnca.models import build_model
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-
-def _cfg(variant, *overrides):
-    cfg = config.load([CONFIGS / f"{variant}.yaml", CONFIGS / "smoke.yaml"], list(overrides))
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=False))
-
-
-def random_params(model, seed=0):
-    """Parameters drawn in numpy, PyTorch-style U(+-1/sqrt(fan_in)) for every layer including
-    the NCA's last one (zero at init, so a fresh NCA would do nothing). Compiling `model.init`
-    takes seconds; this takes milliseconds."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0))
-    rng = np.random.default_rng(seed)
-
-    def fill(s):
-        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else s.shape[0]
-        b = 1.0 / math.sqrt(fan_in)
-        return jnp.asarray(rng.uniform(-b, b, s.shape).astype(np.float32))
-
-    return jax.tree_util.tree_map(fill, shapes)
+@pytest.fixture(scope="module")
+def eval_cfg(smoke_cfg):
+    """`eval_cfg(variant, *overrides)`: the smoke config with remat off, as `vnca evaluate`
+    runs a model."""
+    return lambda variant, *overrides: smoke_cfg(variant, *overrides, "model.remat=false")
 
 
 def _images(n, size, seed=0):
@@ -88,8 +70,8 @@ def _reference_bound(model, params, x_HxWx1, index, key, k, chunk=None):
     ("baseline", None),                                # -inf logits on the pad
 ])
 @pytest.mark.slow
-def test_batched_bound_equals_one_image_reference(variant, chunk):
-    cfg = _cfg(variant)
+def test_batched_bound_equals_one_image_reference(variant, chunk, eval_cfg, random_params):
+    cfg = eval_cfg(variant)
     model = build_model(cfg)
     params = random_params(model)
     x = _images(3, cfg.data.pad_to)
@@ -118,8 +100,9 @@ def test_batched_bound_equals_one_image_reference(variant, chunk):
     ("doubling", []),
     ("nondoubling", ["model.update_prob=1.0"]),        # no masks: only T could differ
 ])
-def test_decoding_samples_in_chunks_changes_nothing_deterministic(variant, overrides):
-    cfg = _cfg(variant, *overrides)
+def test_decoding_samples_in_chunks_changes_nothing_deterministic(variant, overrides, eval_cfg,
+                                                                  random_params):
+    cfg = eval_cfg(variant, *overrides)
     model = build_model(cfg)
     params = random_params(model)
     z = np.random.default_rng(1).normal(size=(8, cfg.model.z_dim)).astype(np.float32)
@@ -145,11 +128,12 @@ def test_bound_summary_stderr_and_bits_per_dim():
     assert s["bits_per_dim"] == pytest.approx(87.5 / (math.log(2) * 784))
 
 
-def _saturated_nondoubling():
+@pytest.fixture
+def saturated_nondoubling(eval_cfg, random_params):
     """A non-doubling model whose NCA update is exactly zero (its last conv, which has no bias,
     set to zero) and whose encoder ignores the image: mean = (20, 0, ...), std = e^-12. The state
     stays the seed, so every logit is 20 (p = 1 - 2e-9) until damage sets the square's to 0."""
-    cfg = _cfg("nondoubling")
+    cfg = eval_cfg("nondoubling")
     model = build_model(cfg)
     params = random_params(model)
     last = params["decoder"]["Conv_1"]["kernel"]
@@ -161,8 +145,8 @@ def _saturated_nondoubling():
     return cfg, model, params
 
 
-def test_damage_lowers_the_likelihood_by_the_square_of_grey_pixels():
-    cfg, model, params = _saturated_nondoubling()
+def test_damage_lowers_the_likelihood_by_the_square_of_grey_pixels(saturated_nondoubling):
+    cfg, model, params = saturated_nondoubling
     n = cfg.data.pad_to
     x = np.ones((3, n, n, 1), np.float32)              # every pixel on
     x[2, :3] = 0.0                                     # third: top rows off (outside the square)
@@ -194,10 +178,10 @@ def test_damage_lowers_the_likelihood_by_the_square_of_grey_pixels():
     assert s["recovered_fraction"] == pytest.approx(0.0, abs=1e-6)  # nothing regrows
 
 
-def test_damage_that_raises_the_score_is_not_called_recovery():
+def test_damage_that_raises_the_score_is_not_called_recovery(saturated_nondoubling):
     """All-off images under logits of 20: every pixel costs 20 nats until damage greys the
     square (log 2 each), so damage raises the score and no fraction is given."""
-    cfg, model, params = _saturated_nondoubling()
+    cfg, model, params = saturated_nondoubling
     n = cfg.data.pad_to
     x = np.zeros((2, n, n, 1), np.float32)
     res = damage.damage_recovery(model, params, x, np.arange(2), jax.random.key(0), 2, 2,
@@ -251,8 +235,8 @@ def test_linear_probe_learns_a_linearly_coded_label_and_splits_by_image():
     assert probe.linear_probe(noise, labels, jax.random.key(1), steps=200)["accuracy"] < 0.5
 
 
-def test_eval_config_applies_eval_overrides_and_refuses_model_keys():
-    cfg = _cfg("nondoubling")
+def test_eval_config_applies_eval_overrides_and_refuses_model_keys(eval_cfg):
+    cfg = eval_cfg("nondoubling")
     got = eval_config(cfg, ["eval.n_images=5", "eval.iw_samples=3", "model.eval_steps=3"])
     assert (got.eval.n_images, got.eval.iw_samples, got.model.eval_steps) == (5, 3, 3)
     assert got.model.z_dim == cfg.model.z_dim
@@ -277,14 +261,11 @@ import json, sys
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
 import numpy as np
-sys.path.insert(0, "tests")
-from test_evaluate import _cfg, _images, random_params
 from vnca.evaluation import bound
-from vnca.models import build_model
+from vnca.models.model_io import load_model
 
-model = build_model(_cfg("doubling"))
-params = random_params(model)
-x, index, key = _images(6, 32), np.arange(6) * 5, jax.random.key(2)
+_, model, params = load_model(sys.argv[1])
+x, index, key = np.load(sys.argv[2]), np.arange(6) * 5, jax.random.key(2)
 one = bound.iw_bound(model, params, x, index, key, 3, 3, False, jax.devices()[:1])
 four = bound.iw_bound(model, params, x, index, key, 3, 3, False, jax.devices())
 print(json.dumps({"n": jax.device_count(), "one": one["iw"].tolist(),
@@ -293,11 +274,14 @@ print(json.dumps({"n": jax.device_count(), "one": one["iw"].tolist(),
 
 
 @pytest.mark.slow
-def test_bound_split_over_four_devices_equals_one_device():
-    """JAX fixes its device count at start-up, so the 4 fake CPU devices live in a subprocess."""
+def test_bound_split_over_four_devices_equals_one_device(tmp_path, make_model_dir):
+    """JAX fixes its device count at start-up, so the 4 fake CPU devices live in a subprocess
+    (given a model directory and the images)."""
+    model_dir = make_model_dir(tmp_path / "model", "doubling", "model.remat=false")
+    np.save(tmp_path / "x.npy", _images(6, 32))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=CONFIGS.parent, env=env,
-                          check=False,
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(model_dir),
+                           str(tmp_path / "x.npy")], env=env, check=False,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -8,7 +8,6 @@ import math
 import jax
 import numpy as np
 import pytest
-from test_evaluate import CONFIGS, random_params
 
 from vnca import artifacts, config, contracts, reference
 from vnca.cli import main
@@ -21,7 +20,6 @@ from vnca.models.model_io import save_params
 # Every test here shares a module fixture that trains and evaluates real models (~40 s).
 pytestmark = pytest.mark.slow
 
-N_TEST = 40
 SMALL = ["eval.n_images=6", "eval.iw_samples=3", "eval.batch_size=4", "eval.n_samples=4",
          "eval.n_reconstructions=2", "eval.tsne_images=12", "eval.probe_images=10",
          "eval.probe_steps=20", "eval.damage_images=4", "eval.damage_at=2",
@@ -29,34 +27,11 @@ SMALL = ["eval.n_images=6", "eval.iw_samples=3", "eval.batch_size=4", "eval.n_sa
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _dataset(path):
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(10), N_TEST // 10).astype(np.int64)   # grouped by digit (T9)
-    x = np.zeros((N_TEST, 28, 28), np.uint8)
-    for i, label in enumerate(y):
-        x[i, 5 + label:15 + label, 8:20] = rng.random((10, 12)) < 0.6
-    arrays = {}
-    for split in artifacts.SPLITS:
-        arrays.update({f"{split}_x": x, f"{split}_y": y,
-                       f"{split}_mnist_index": np.arange(N_TEST, dtype=np.int64)})
-    path.mkdir(parents=True, exist_ok=True)
-    np.savez(path / artifacts.DATASET, **arrays)
-    return x, y
-
-
-def _model_dir(path, variant, *overrides):
-    cfg = config.load([CONFIGS / f"{variant}.yaml", CONFIGS / "smoke.yaml"], list(overrides))
-    path.mkdir(parents=True, exist_ok=True)
-    config.save(cfg, path / artifacts.RESOLVED_CONFIG)
-    save_params(path / artifacts.PARAMS, random_params(build_model(cfg)))
-    return path
-
-
 @pytest.fixture(scope="module")
-def nondoubling_run(tmp_path_factory):
+def nondoubling_run(tmp_path_factory, make_eval_dataset, make_model_dir):
     root = tmp_path_factory.mktemp("eval")
-    x, y = _dataset(root / "data")
-    model_dir = _model_dir(root / "model", "nondoubling")
+    x, y = make_eval_dataset(root / "data")
+    model_dir = make_model_dir(root / "model", "nondoubling")
     out = root / "out"
     metrics = evaluate(model_dir, root / "data", out, SMALL, progress=False)
     with np.load(out / artifacts.EVAL_ARRAYS, allow_pickle=False) as npz:
@@ -79,7 +54,7 @@ def test_metrics_file_and_bound_numbers(nondoubling_run):
     assert iw["bits_per_dim"] == pytest.approx(-iw["mean_nats"] / (math.log(2) * 784))
     # A shuffled subset of the grouped test split, not its first images.
     idx = a["iw_index"]
-    assert len(set(idx)) == 6 and idx.max() < N_TEST
+    assert len(set(idx)) == 6 and idx.max() < len(r["x"])
     assert len(set(r["y"][idx])) > 1
     # The stored per-image numbers are the bound of those images under the documented keys.
     cfg, _, params = _load(r["model_dir"])
@@ -103,8 +78,8 @@ def test_classifier_numbers_untrained_bound_and_sample_labels(nondoubling_run):
     m, a, x, y = r["metrics"], r["arrays"], r["x"], r["y"]
     w = classifier.fit(x, y, seed=0, x_test_NxHxW=x, y_test_N=y)
     assert m["classifier"]["test_accuracy"] == pytest.approx(w.test_accuracy)
-    assert m["classifier"]["n_train"] == N_TEST
-    order = np.asarray(jax.random.permutation(eval_keys(0)["shuffle"], N_TEST))
+    assert m["classifier"]["n_train"] == len(x)
+    order = np.asarray(jax.random.permutation(eval_keys(0)["shuffle"], len(x)))
     rec = m["reconstruction"]
     assert rec["n_images"] == 32                      # smoke.yaml's eval.classify_images
     first = order[:32]
@@ -208,9 +183,9 @@ def test_every_figure_of_the_variant_is_a_png(nondoubling_run):
 
 
 @pytest.mark.slow
-def test_baseline_writes_only_its_figures(tmp_path):
-    _dataset(tmp_path / "data")
-    model_dir = _model_dir(tmp_path / "model", "baseline")
+def test_baseline_writes_only_its_figures(tmp_path, make_eval_dataset, make_model_dir):
+    make_eval_dataset(tmp_path / "data")
+    model_dir = make_model_dir(tmp_path / "model", "baseline")
     small = SMALL + ["eval.tsne_images=0", "eval.n_interpolations=0"]
     m = evaluate(model_dir, tmp_path / "data", tmp_path / "out", small, progress=False)
     assert m["variant"] == "baseline" and math.isfinite(m["iwelbo"]["mean_nats"])
@@ -218,8 +193,8 @@ def test_baseline_writes_only_its_figures(tmp_path):
     assert m["figures"] == ["reconstructions.png", "samples.png", "samples_binary.png"]
 
 
-def test_doubling_growth_ends_at_the_decoded_image():
-    cfg = config.load([CONFIGS / "doubling.yaml", CONFIGS / "smoke.yaml"])
+def test_doubling_growth_ends_at_the_decoded_image(smoke_cfg, random_params):
+    cfg = smoke_cfg("doubling")
     model = build_model(cfg)
     params = random_params(model)
     z = np.random.default_rng(0).normal(size=(2, cfg.model.z_dim)).astype(np.float32)
@@ -246,21 +221,22 @@ def _one_line_error(rc, err, *needles):
         assert needle in lines[0]
 
 
-def test_user_mistakes_give_one_line(tmp_path, capsys):
-    _dataset(tmp_path / "data")
+def test_user_mistakes_give_one_line(tmp_path, capsys, make_eval_dataset, make_model_dir,
+                                     smoke_cfg):
+    make_eval_dataset(tmp_path / "data")
     data = str(tmp_path / "data")
     out = tmp_path / "out"
     rc, err = _cli(capsys, "--model", str(tmp_path / "nope"), "--data", data, "--out", str(out))
     _one_line_error(rc, err, "nope", "not found")
 
-    good = _model_dir(tmp_path / "good", "nondoubling")
-    corrupt = _model_dir(tmp_path / "corrupt", "nondoubling")
+    good = make_model_dir(tmp_path / "good", "nondoubling")
+    corrupt = make_model_dir(tmp_path / "corrupt", "nondoubling")
     (corrupt / artifacts.PARAMS).write_bytes(b"\x00garbage")
     rc, err = _cli(capsys, "--model", str(corrupt), "--data", data, "--out", str(out))
     _one_line_error(rc, err, artifacts.PARAMS, "corrupt")
 
-    other = _model_dir(tmp_path / "other", "nondoubling")
-    cfg = config.load([CONFIGS / "nondoubling.yaml", CONFIGS / "smoke.yaml"], ["model.z_dim=8"])
+    other = make_model_dir(tmp_path / "other", "nondoubling")
+    cfg = smoke_cfg("nondoubling", "model.z_dim=8")
     config.save(cfg, other / artifacts.RESOLVED_CONFIG)   # params are for z_dim = 16
     rc, err = _cli(capsys, "--model", str(other), "--data", data, "--out", str(out))
     _one_line_error(rc, err, "different config")
@@ -269,7 +245,7 @@ def test_user_mistakes_give_one_line(tmp_path, capsys):
     rc, err = _cli(capsys, "--model", str(good), "--data", data, "--out", str(out))
     _one_line_error(rc, err, artifacts.PARAMS, "missing")
 
-    model = _model_dir(tmp_path / "model", "nondoubling")
+    model = make_model_dir(tmp_path / "model", "nondoubling")
     rc, err = _cli(capsys, "--model", str(model), "--data", data, "--out", str(out),
                    "--set", "model.z_dim=8")
     _one_line_error(rc, err, "model.z_dim")
@@ -283,12 +259,13 @@ def test_user_mistakes_give_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_non_finite_parameters_are_refused_before_anything_is_computed(tmp_path, capsys, bad):
+def test_non_finite_parameters_are_refused_before_anything_is_computed(
+        tmp_path, capsys, bad, make_eval_dataset, make_model_dir, smoke_cfg, random_params):
     """A diverged run's parameters (e.g. train.learning_rate=1e39) made a metrics.json with a
     null bound and then a TypeError in the CLI."""
-    _dataset(tmp_path / "data")
-    model_dir = _model_dir(tmp_path / "model", "baseline")
-    cfg = config.load([CONFIGS / "baseline.yaml", CONFIGS / "smoke.yaml"])
+    make_eval_dataset(tmp_path / "data")
+    model_dir = make_model_dir(tmp_path / "model", "baseline")
+    cfg = smoke_cfg("baseline")
     params = random_params(build_model(cfg))
     leaves, tree = jax.tree_util.tree_flatten(params)
     leaves[0] = np.full(leaves[0].shape, bad, np.float32)  # one tensor is enough
@@ -310,9 +287,9 @@ def test_summary_line_without_a_finite_bound(monkeypatch, capsys):
         assert rc == 0 and "not finite" in out and "recognised" not in out
 
 
-def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
-    _dataset(tmp_path / "data")
-    model_dir = _model_dir(tmp_path / "model", "baseline")
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys, make_eval_dataset, make_model_dir):
+    make_eval_dataset(tmp_path / "data")
+    model_dir = make_model_dir(tmp_path / "model", "baseline")
     a_file = tmp_path / "file.txt"
     a_file.write_text("not a directory\n")
     for out, needle in ((a_file, "not a directory"), (a_file / "sub", "not a directory")):

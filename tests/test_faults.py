@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import make_dataset, smoke_cfg
 
 from vnca import artifacts, checkpoint, train
 from vnca.errors import ConfigError, UserError
@@ -25,7 +24,7 @@ FAST = ("train.checkpoint_every=2", "train.log_every=1", "train.val_every=0",
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def data_dir(tmp_path_factory, make_dataset):
     return make_dataset(tmp_path_factory.mktemp("data"))
 
 
@@ -58,7 +57,7 @@ def _assert_one_error_line(stderr: str, *needles: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def straight(data_dir, tmp_path_factory):
+def straight(data_dir, tmp_path_factory, smoke_cfg):
     """params.msgpack bytes of uninterrupted baseline runs, by step count."""
     cache: dict[int, bytes] = {}
 
@@ -75,7 +74,7 @@ def straight(data_dir, tmp_path_factory):
 # -- divergence --------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_an_update_that_overflows_is_caught_before_anything_is_saved(data_dir, tmp_path):
+def test_an_update_that_overflows_is_caught_before_anything_is_saved(data_dir, tmp_path, smoke_cfg):
     cfg = smoke_cfg("baseline", *FAST, "train.learning_rate=1e39", "train.checkpoint_every=1")
     with pytest.raises(train.TrainingDivergedError,
                        match="updated parameters is not finite at step 1; no checkpoint yet"):
@@ -86,7 +85,7 @@ def test_an_update_that_overflows_is_caught_before_anything_is_saved(data_dir, t
 
 
 @pytest.mark.slow
-def test_every_checkpoint_of_a_diverging_run_is_finite(data_dir, tmp_path):
+def test_every_checkpoint_of_a_diverging_run_is_finite(data_dir, tmp_path, smoke_cfg):
     cfg = smoke_cfg("baseline", *FAST, "train.learning_rate=1e30", "train.checkpoint_every=1",
                     "train.keep_checkpoints=50")
     with pytest.raises(train.TrainingDivergedError, match="last good checkpoint is step"):
@@ -130,7 +129,7 @@ def _empty_state(step_dir: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("corrupt", [_truncate_json, _zero_arrays, _empty_state])
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(
-        data_dir, tmp_path, straight, corrupt, capfd):
+        data_dir, tmp_path, straight, corrupt, capfd, smoke_cfg):
     cfg = smoke_cfg("baseline", *FAST)
     train.train_and_evaluate(cfg, data_dir, tmp_path, steps=4)
     assert _ckpts(tmp_path) == [2, 4]
@@ -145,7 +144,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(
 
 
 @pytest.mark.slow
-def test_no_intact_checkpoint_starts_over(data_dir, tmp_path, straight):
+def test_no_intact_checkpoint_starts_over(data_dir, tmp_path, straight, smoke_cfg):
     cfg = smoke_cfg("baseline", *FAST)
     train.train_and_evaluate(cfg, data_dir, tmp_path, steps=4)
     for step in (2, 4):
@@ -156,7 +155,7 @@ def test_no_intact_checkpoint_starts_over(data_dir, tmp_path, straight):
 
 
 @pytest.mark.slow
-def test_resuming_another_model_without_its_config_file_is_one_line(data_dir, tmp_path):
+def test_resuming_another_model_without_its_config_file_is_one_line(data_dir, tmp_path, smoke_cfg):
     train.train_and_evaluate(smoke_cfg("baseline", *FAST), data_dir, tmp_path, steps=2)
     (tmp_path / artifacts.RESOLVED_CONFIG).unlink()
     other = smoke_cfg("baseline", *FAST, "model.z_dim=8")
@@ -171,7 +170,7 @@ def test_resuming_another_model_without_its_config_file_is_one_line(data_dir, tm
     target = jax.eval_shape(lambda k: train.init_state(model, other, k), jax.random.key(0))
     ckpt = checkpoint.Checkpointer(tmp_path / artifacts.CHECKPOINTS, 3)
     try:
-        with pytest.raises(ConfigError, match=r"checkpoint 2 holds another model \(params/"):
+        with pytest.raises(ConfigError, match=r"checkpoint 2 holds another model \(params\."):
             ckpt.restore_latest(target)
     finally:
         ckpt.close()
@@ -222,7 +221,7 @@ def _last_logged_step(out: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_within_seconds_saves_and_resumes_exactly(data_dir, tmp_path, straight,
-                                                                  sig):
+                                                                  sig, smoke_cfg):
     proc = subprocess.Popen(_cli(data_dir, tmp_path, "--steps", "100000"), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

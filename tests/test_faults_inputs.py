@@ -7,9 +7,9 @@ digit_classifier.npz, metrics.json, summary.json, metrics.jsonl, match_report.js
 that is a file, under a file, empty, too long, read-only or full. Read-only and full disks are
 small tmpfs mounts, so those cases need root (they are skipped with the reason otherwise).
 
-The inputs are made here in seconds: a synthetic 40-image dataset and a smoke-config model with
-random parameters (tests/test_evaluate_run.py), and report inputs (tests/test_report.py); none
-of the cases trains or evaluates anything.
+The inputs are made here in seconds by fixtures of tests/conftest.py: a synthetic 40-image
+dataset, a smoke-config model with random parameters and report inputs; none of the cases
+trains or evaluates anything.
 """
 
 from __future__ import annotations
@@ -23,17 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_evaluate_run import _dataset, _model_dir
-from test_report import make_inputs
 
 from vnca import artifacts
 from vnca.cli import main
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict:
+def inputs(tmp_path_factory, make_eval_dataset, make_model_dir, report_inputs) -> dict:
     root = tmp_path_factory.mktemp("faults")
-    _dataset(root / "data")
+    make_eval_dataset(root / "data")
     from vnca.data import load_split
     from vnca.evaluation import classifier
 
@@ -41,8 +39,9 @@ def inputs(tmp_path_factory) -> dict:
     classifier.fit(x, y, seed=0).save(root / "data" / artifacts.DIGIT_CLASSIFIER)
     (root / "afile").write_text("not a directory\n")
     (root / "empty").mkdir()
-    return {"root": root, "data": root / "data", "model": _model_dir(root / "model", "doubling"),
-            "report": make_inputs(root / "report"), "afile": root / "afile",
+    return {"root": root, "data": root / "data",
+            "model": make_model_dir(root / "model", "doubling"),
+            "report": report_inputs.make(root / "report"), "afile": root / "afile",
             "empty": root / "empty"}
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 from kfp.dsl import Dataset, Model
-from test_train import make_dataset, smoke_cfg
 
 from vnca import artifacts, train
 from vnca_pipeline.components.train import train as train_op
@@ -62,7 +61,8 @@ def model_uri(request, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_uri", ["local", "gcs"], indirect=True)
-def test_a_killed_train_step_resumes_from_its_own_checkpoint(tmp_path, model_uri):
+def test_a_killed_train_step_resumes_from_its_own_checkpoint(tmp_path, model_uri, smoke_cfg,
+                                                             make_dataset):
     uri, path = model_uri
     data = make_dataset(tmp_path / "data")
     cfg = smoke_cfg("nondoubling", *FAST)

@@ -1,4 +1,5 @@
-"""The report step: tables, figures, smoke banner and errors, from small inputs made here."""
+"""The report step: tables, figures, smoke banner and errors, from known inputs (`report_inputs`
+in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -19,200 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from matplotlib import image as mpimage
 
-from vnca import artifacts, config, contracts, reference
+from vnca import artifacts, contracts, reference
 from vnca import report as rpt
 from vnca.errors import DataError, UserError
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LN2 = math.log(2.0)
-
-# Known inputs: variant -> (mean nats, stderr, K, n images, steps, wall time s, hardware, devices)
-RUNS = {
-    "doubling": (-85.0, 0.25, 128, 10000, 100000, 3725.0, "TPU v5e-8", 8),
-    "nondoubling": (-91.5, 0.30, 128, 10000, 80000, 1234.0, "NVIDIA A100", 1),
-    "baseline": (-84.0, 0.20, 128, 10000, 50000, 42.5, "cpu", 1),
-}
 SHOWN_ORDER = ["baseline", "doubling", "nondoubling"]  # the report's order of variants
-ALL_FIGURES = set(artifacts.EVAL_FIGURES)
-FIGURES = {
-    "doubling": ALL_FIGURES,
-    "nondoubling": ALL_FIGURES - {"interpolations.png"},  # probe.png is written empty
-    "baseline": {"samples.png", "samples_binary.png", "reconstructions.png", "tsne.png",
-                 "interpolations.png"},
-}
-CLASSIFIER = contracts.ClassifierInfo(kind="MLP, 256 ReLU units (scikit-learn)", n_train=60000,
-                                      test_accuracy=0.9781)
-DAMAGE = contracts.Damage(
-    n_images=16, before=-90.0, before_stderr=1.5, undamaged_final=-88.0,
-    undamaged_final_stderr=1.25, after_damage=-150.0, after_damage_stderr=3.0,
-    after_recovery=-100.0, after_recovery_stderr=2.0, damage_drop=62.0, meaningful=True,
-    recovered_fraction=50.0 / 62.0, share_images_lower_after_damage=0.9375, damage_at=4,
-    recovery_steps=4,
-    square=contracts.DamageSquare(top=7, left=7, size=14, position="centred"))
-# Digit-classifier numbers per variant: (reconstruction accuracy, classifier on the originals,
-# prior samples' mean top-class probability, prior samples' label histogram)
-QUALITY = {
-    "doubling": (0.912, 0.93, 0.8765, [3, 4, 3, 3, 3, 3, 3, 4, 3, 3]),
-    "nondoubling": (0.5, 0.93, 0.4, [0, 0, 22, 10, 0, 0, 0, 0, 0, 0]),
-    "baseline": (0.875, 0.93, 0.9, [4, 3, 3, 3, 3, 3, 3, 3, 3, 4]),
-}
-UNTRAINED = contracts.Untrained(n_images=8, k=4, mean_nats=-543.25, stderr_nats=3.5,
-                                bits_per_dim=1.0, stderr_bits_per_dim=0.01, n_pixels=784,
-                                trained_same_images_nats=-87.5)
-# Damage curves (arrays.npz): 3 images, undamaged over steps 0..8, damaged from step 4.
-LL_UNDAMAGED = np.array([[-200, -150, -120, -100, -95, -92, -90, -89, -88],
-                         [-210, -160, -125, -105, -96, -93, -91, -90, -89],
-                         [-190, -140, -115, -95, -94, -91, -89, -88, -87]], float)
-LL_DAMAGED = np.array([[-150, -130, -110, -104, -100],
-                       [-152, -131, -112, -103, -101],
-                       [-148, -129, -108, -105, -99]], float)
-
-
-def _png(path: Path, seed: int, shape=(12, 20)) -> None:
-    img = np.random.default_rng(seed).random(shape)
-    mpimage.imsave(path, img, cmap="gray")
-
-
-# The code commit of each run; the baseline's summary has none (an older run).
-COMMITS = {"doubling": "0123456789abcdef0123456789abcdef01234567",
-           "nondoubling": "fedcba9876543210fedcba9876543210fedcba98+dirty", "baseline": None}
-
-
-def _write_train(d: Path, variant: str, smoke: bool) -> None:
-    d.mkdir(parents=True)
-    paths = [REPO / "configs" / f"{variant}.yaml"]
-    paths += [REPO / "configs" / "smoke.yaml"] if smoke else []
-    (d / artifacts.RESOLVED_CONFIG).write_text(config.dump(config.load(paths)))
-    _, _, _, _, steps, wall, hw, ndev = RUNS[variant]
-    contracts.TrainSummary(
-        variant=variant, name=variant, steps=steps, wall_time_s=wall, hardware=hw,
-        n_devices=ndev, n_processes=1, smoke=smoke, tier="smoke" if smoke else "paper",
-        param_count=1234567, final_loss=2.5, batch_size=8, train_split="train",
-        resumed_from_step=0, commit=COMMITS[variant]).write(d / artifacts.TRAIN_SUMMARY)
-    for step in (0, 10, 100, 1000):
-        contracts.append_train_record(d / artifacts.TRAIN_METRICS, train_record(step))
-        if step == 1000 and variant != "baseline":  # baseline: no validation records
-            contracts.append_train_record(d / artifacts.TRAIN_METRICS, contracts.ValidRecord(
-                step=step, split="valid", val_elbo=-95.0, val_images=8, val_iw_samples=1))
-
-
-def train_record(step: int, **changes) -> contracts.TrainRecord:
-    loss, kl = 200.0 / (1 + step), 10.0 + step / 1e3
-    base = contracts.TrainRecord(step=step, loss=loss, kl=kl, recon=kl - loss, elbo=-loss, grad_norm=1.0,
-                  images_per_s=500.0, elapsed_s=step / 10)
-    return dataclasses.replace(base, **changes)
-
-
-def eval_metrics(variant: str, smoke: bool = True, **changes) -> contracts.EvalMetrics:
-    """An evaluation's metrics.json as `vnca evaluate` writes it, with the numbers of RUNS and
-    QUALITY; `changes` replace fields."""
-    mean, se, k, n, *_ = RUNS[variant]
-    recon, originals, top, hist = QUALITY[variant]
-    nca = variant != "baseline"
-    base = contracts.EvalMetrics(
-        variant=variant, name=variant, smoke=smoke, tier="smoke" if smoke else "paper",
-        model_dir=f"models/{variant}", n_test_images=10000, device="1 x cpu", eval_config={},
-        eval_steps=None,
-        iwelbo=contracts.IwBound(
-            k=k, n_images=n, mean_nats=mean, stderr_nats=se, bits_per_dim=-mean / (LN2 * 784),
-            stderr_bits_per_dim=se / (LN2 * 784), n_pixels=784, elbo_mean_nats=mean - 5.0,
-            log_px_mean_nats=mean + 20.0, batch_size=64, sample_chunk=k, images_per_second=50.0,
-            paper_nats=reference.PAPER_NATS[variant],
-            reproduction_nats=reference.REPRODUCTION_NATS[variant]),
-        untrained=UNTRAINED, classifier=CLASSIFIER,
-        prior_samples=contracts.PriorSamples(n_images=sum(hist), mean_top_probability=top,
-                                             label_histogram=hist),
-        reconstruction=contracts.Reconstruction(n_images=32, accuracy=recon,
-                                                classifier_accuracy_originals=originals),
-        growth=contracts.Growth(n_examples=8, n_frames=41) if nca else None,
-        damage=DAMAGE if nca else None,
-        probe=contracts.Probe(accuracy=0.9123, image_accuracy=0.95, chance=0.11,
-                              n_train_images=1500, n_test_images=500, n_train_cells=1536000,
-                              n_test_cells=512000, final_train_loss=0.3,
-                              steps=100) if nca else None,
-        tsne=contracts.Tsne(n_images=64, knn10_accuracy_latent=None if nca else 0.8125,
-                            knn10_accuracy_tsne=None),
-        seconds={"iwelbo": 1.5}, figures=sorted(FIGURES[variant]))
-    return dataclasses.replace(base, **changes)
-
-
-def _write_eval(d: Path, variant: str, smoke: bool) -> None:
-    d.mkdir(parents=True)
-    eval_metrics(variant, smoke).write(d / artifacts.EVAL_METRICS)
-    for i, fname in enumerate(sorted(FIGURES[variant])):
-        _png(d / fname, seed=i)
-    if variant == "nondoubling":
-        (d / "probe.png").write_bytes(b"")
-    if variant != "baseline":
-        rng = np.random.default_rng(0)
-        arrays = {"tsne_xy": rng.normal(size=(64, 2)), "tsne_labels": rng.integers(0, 10, 64)}
-        if variant == "nondoubling":
-            arrays.update(damage_steps_undamaged=np.arange(9), damage_ll_undamaged=LL_UNDAMAGED,
-                          damage_steps_damaged=np.arange(4, 9), damage_ll_damaged=LL_DAMAGED)
-        np.savez(d / artifacts.EVAL_ARRAYS, **arrays)
-
-
-def _distribution(scale: float) -> contracts.Distribution:
-    """A percentile summary as the data step writes one (vnca.data.matching.distribution)."""
-    return contracts.Distribution(
-        n=10000, min=0.05 * scale, mean=130.0 * scale, p0_1=0.8 * scale, p1=4.99 * scale,
-        p5=15.65 * scale, p25=88.1 * scale, p50=140.5 * scale, p75=203.7 * scale,
-        p95=321.0 * scale, max=632.0 * scale, count_below_1=14, count_below_10=286,
-        count_below_50=1243)
-
-
-LABELS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-COUNTS = {"train": 2000, "valid": 500, "test": 10000}
-
-
-def match_summary(**changes) -> contracts.MatchSummary:
-    """One split's summary as `vnca.data.matching.summarize` writes it."""
-    base = contracts.MatchSummary(
-        n=10000,
-        collisions_before_assignment=contracts.Collisions(distinct=9992, references=8, rows=16),
-        collisions_after_assignment=contracts.Collisions(distinct=10000, references=0, rows=0),
-        rows_changed_by_assignment=8, labels_changed_by_assignment=0, unresolved_rows=0,
-        assigned_rank_histogram=[9992, 8], margin_top1_top2_nats=_distribution(1.0),
-        label_margin_nats=_distribution(1.6), assigned_loglik_nats=_distribution(-2.0),
-        impossible_pixels=contracts.ImpossiblePixels(total=0, pairs_with_any=0),
-        label_histogram=LABELS)
-    return dataclasses.replace(base, **changes)
-
-
-def match_report(**changes) -> contracts.MatchReport:
-    """match_report.json as `vnca prepare-data` writes it (numbers made up)."""
-    group = dict(match_summary().to_dict(), queries="binarized test", reference="MNIST test",
-                 n_queries=10000, n_references=10000, top_k=16, seconds=1.5)
-    splits = {"train": match_summary(rows_changed_by_assignment=5),
-              "valid": match_summary(rows_changed_by_assignment=313), "test": match_summary()}
-    base = contracts.MatchReport(
-        source="bundled", summary="3 splits matched", counts=COUNTS,
-        provenance={"source": "bundled"}, method={"eps": 1e-6},
-        groups={"test": contracts.MatchGroup.from_dict(group, "group")}, splits=splits,
-        classifier=CLASSIFIER, timing_s={"read": 0.5},
-        figure=contracts.PairsFigure(file=artifacts.MATCHED_PAIRS_PNG, seed=0, rows={}))
-    return dataclasses.replace(base, **changes)
-
-
-def _write_data(d: Path) -> None:
-    d.mkdir(parents=True)
-    match_report().write(d / artifacts.MATCH_REPORT)
-    _png(d / artifacts.MATCHED_PAIRS_PNG, seed=99)
-
-
-def make_inputs(root: Path, smoke: bool = True) -> dict:
-    """Evaluation, training and dataset directories for the three variants under `root`."""
-    dirs = {"evals": [], "trains": [], "data": root / "data", "out": root / "report"}
-    for i, variant in enumerate(RUNS):  # directory names deliberately say nothing
-        _write_eval(root / f"e{i}", variant, smoke)
-        _write_train(root / f"t{(i + 1) % 3}", variant, smoke)
-        dirs["evals"].append(root / f"e{i}")
-    dirs["trains"] = [root / f"t{i}" for i in range(3)]
-    _write_data(dirs["data"])
-    return dirs
 
 
 def build(dirs: dict) -> Path:
@@ -308,13 +123,13 @@ def decode_data_uri(src: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple:
+def built(tmp_path_factory, report_inputs) -> tuple:
     root = tmp_path_factory.mktemp("report")
-    dirs = make_inputs(root)
+    dirs = report_inputs.make(root)
     return dirs, build(dirs)
 
 
-def test_results_table_numbers(built):
+def test_results_table_numbers(built, report_inputs):
     dirs, html_path = built
     assert html_path == dirs["out"] / artifacts.REPORT_HTML
     rows = table_dicts(parse(html_path).tables["results"])
@@ -322,7 +137,7 @@ def test_results_table_numbers(built):
     assert [r["variant"] for r in rows] == ["baseline", "doubling", "nondoubling"]
     for r in rows:
         v = r["variant"]
-        mean, se, k, n, steps, wall, hw, ndev = RUNS[v]
+        mean, se, k, n, steps, wall, hw, ndev = report_inputs.RUNS[v]
         assert r["ours (nats, mean ± se)"] == f"{mean:.2f} ± {se:.2f}"
         assert float(r["bits/dim"]) == pytest.approx(-mean / (LN2 * 784), abs=1e-4)
         paper, repro = reference.PAPER_NATS[v], reference.REPRODUCTION_NATS[v]
@@ -339,7 +154,7 @@ def test_results_table_numbers(built):
         assert int(d["test images"].replace(",", "")) == n
         assert d["hardware"].startswith(hw) and f"({ndev} device" in d["hardware"]
         assert r["run"] == "SMOKE"
-        recon, originals, top, _ = QUALITY[v]
+        recon, originals, top, _ = report_inputs.QUALITY[v]
         assert r["reconstructions recognised"] == (
             f"{100 * recon:.1f} % (classifier {100 * originals:.1f} %)")
         assert float(r["prior samples: mean top-class probability"]) == pytest.approx(top,
@@ -357,12 +172,12 @@ def test_results_table_numbers(built):
         "91.2 % (classifier 93.0 %)")
 
 
-def test_prior_sample_labels_and_classifier(built):
+def test_prior_sample_labels_and_classifier(built, report_inputs):
     _, html_path = built
     doc = parse(html_path)
     rows = {r["variant"]: r for r in table_dicts(doc.tables["prior-labels"])}
     assert list(rows) == ["baseline", "doubling", "nondoubling"]
-    for variant, (_, _, top, hist) in QUALITY.items():
+    for variant, (_, _, top, hist) in report_inputs.QUALITY.items():
         r = rows[variant]
         assert [int(r[str(d)]) for d in range(10)] == hist
         assert int(r["samples"]) == sum(hist)
@@ -374,8 +189,8 @@ def test_prior_sample_labels_and_classifier(built):
     assert "80 % or more is the bar" in html
 
 
-def test_results_frame_raw_numbers():
-    m = eval_metrics("doubling", smoke=False, untrained=None, reconstruction=None)
+def test_results_frame_raw_numbers(report_inputs):
+    m = report_inputs.eval_metrics("doubling", smoke=False, untrained=None, reconstruction=None)
     m = dataclasses.replace(m, iwelbo=dataclasses.replace(m.iwelbo, mean_nats=-84.0))
     df = rpt.results_frame([("doubling", rpt.EvalRun(Path("e"), m, {}, {}, {}), None)])
     r = df.iloc[0]
@@ -386,10 +201,10 @@ def test_results_frame_raw_numbers():
     assert r["tier"] == "paper" and not r["smoke"]
 
 
-def test_every_expected_figure_is_embedded(built):
+def test_every_expected_figure_is_embedded(built, report_inputs):
     dirs, html_path = built
     doc = parse(html_path)
-    labels = list(RUNS)
+    labels = list(report_inputs.RUNS)
     # Re-plotted from arrays.npz for every run that has the arrays; those runs' own PNGs of
     # that figure are not shown again (each thing once).
     replotted = {"tsne.png": {"doubling", "nondoubling"}, "damage_curve.png": {"nondoubling"}}
@@ -399,7 +214,7 @@ def test_every_expected_figure_is_embedded(built):
         assert list(figs) == shown, fname
         for variant in shown:
             f = figs[variant]
-            produced = fname in FIGURES[variant] and not (
+            produced = fname in report_inputs.FIGURES[variant] and not (
                 variant == "nondoubling" and fname == "probe.png")
             if produced:
                 data = decode_data_uri(f["src"])
@@ -434,34 +249,43 @@ def test_every_expected_figure_is_embedded(built):
     assert "http://" not in html and "https://" not in html and 'src="figures' not in html
 
 
-def _eval_run(arrays: dict, metrics=None, variant="nondoubling") -> rpt.EvalRun:
-    return rpt.EvalRun(Path("e"), metrics or eval_metrics(variant), {}, {}, arrays)
+@pytest.fixture
+def eval_run(report_inputs):
+    """`eval_run(arrays, metrics=None, variant='nondoubling')`: an `EvalRun` with these
+    arrays and metrics (default: the known metrics of the variant)."""
+
+    def make(arrays: dict, metrics=None, variant="nondoubling") -> rpt.EvalRun:
+        metrics = metrics or report_inputs.eval_metrics(variant)
+        return rpt.EvalRun(Path("e"), metrics, {}, {}, arrays)
+
+    return make
 
 
-def test_recovery_plot_has_two_curves_per_run():
-    arrays = {"damage_steps_undamaged": np.arange(9), "damage_ll_undamaged": LL_UNDAMAGED,
-              "damage_steps_damaged": np.arange(4, 9), "damage_ll_damaged": LL_DAMAGED}
-    other = dict(arrays, damage_ll_undamaged=LL_UNDAMAGED - 10)
-    runs = [("nondoubling", _eval_run(arrays)), ("nondoubling (b)", _eval_run(other)),
-            ("doubling", _eval_run({}, variant="doubling"))]
+def test_recovery_plot_has_two_curves_per_run(report_inputs, eval_run):
+    ll_undamaged, ll_damaged = report_inputs.LL_UNDAMAGED, report_inputs.LL_DAMAGED
+    arrays = {"damage_steps_undamaged": np.arange(9), "damage_ll_undamaged": ll_undamaged,
+              "damage_steps_damaged": np.arange(4, 9), "damage_ll_damaged": ll_damaged}
+    other = dict(arrays, damage_ll_undamaged=ll_undamaged - 10)
+    runs = [("nondoubling", eval_run(arrays)), ("nondoubling (b)", eval_run(other)),
+            ("doubling", eval_run({}, variant="doubling"))]
     lines = rpt.recovery_lines(runs)
     assert [(label, what) for label, what, *_ in lines] == [
         ("nondoubling", "undamaged"), ("nondoubling", "damaged"),
         ("nondoubling (b)", "undamaged"), ("nondoubling (b)", "damaged")]
     _, _, steps, mean, se, n = lines[0]
     assert steps.tolist() == list(range(9)) and n == 3
-    assert mean.tolist() == pytest.approx(LL_UNDAMAGED.mean(0).tolist())
-    assert se[0] == pytest.approx(LL_UNDAMAGED[:, 0].std(ddof=1) / math.sqrt(3))
+    assert mean.tolist() == pytest.approx(ll_undamaged.mean(0).tolist())
+    assert se[0] == pytest.approx(ll_undamaged[:, 0].std(ddof=1) / math.sqrt(3))
     _, _, steps, mean, _, _ = lines[1]
     assert steps.tolist() == [4, 5, 6, 7, 8]
-    assert mean.tolist() == pytest.approx(LL_DAMAGED.mean(0).tolist())
+    assert mean.tolist() == pytest.approx(ll_damaged.mean(0).tolist())
     png = rpt.plot_recovery_curves(runs)
     assert png[:8] == PNG_SIGNATURE and png_size(png)[0] <= 1320
     # Old arrays (one curve, damage_curve_*) or inconsistent shapes: nothing to re-plot.
     old = {"damage_curve_steps": np.arange(9), "damage_curve_ll": -100.0 - np.arange(9)}
     bad = dict(arrays, damage_steps_damaged=np.arange(3))
-    assert rpt.recovery_lines([("a", _eval_run(old)), ("b", _eval_run(bad))]) == []
-    assert rpt.plot_recovery_curves([("a", _eval_run(old))]) is None
+    assert rpt.recovery_lines([("a", eval_run(old)), ("b", eval_run(bad))]) == []
+    assert rpt.plot_recovery_curves([("a", eval_run(old))]) is None
 
 
 def test_markdown_references_copied_figures(built):
@@ -479,7 +303,7 @@ def test_markdown_references_copied_figures(built):
     assert md.startswith("# ") and "> **SMOKE RUN" in md
 
 
-def test_eval_details_and_match_tables(built):
+def test_eval_details_and_match_tables(built, report_inputs):
     dirs, html_path = built
     doc = parse(html_path)
     damage = {r["variant"]: r for r in table_dicts(doc.tables["damage"])}
@@ -510,7 +334,7 @@ def test_eval_details_and_match_tables(built):
     assert match["impossible_pixels"]["test"] == "total: 0, pairs_with_any: 0"
     assert "p0.1: 0.8, p1: 4.99" in match["margin_top1_top2_nats"]["test"]
     assert "p50: 224.8" in match["label_margin_nats"]["valid"]  # 140.5 x 1.6
-    assert match["label_histogram"]["test"] == ", ".join(f"{n:,}" for n in LABELS)
+    assert match["label_histogram"]["test"] == ", ".join(f"{n:,}" for n in report_inputs.LABELS)
     pct = rpt.match_percentiles(contracts.MatchReport.read(dirs["data"] / artifacts.MATCH_REPORT))
     assert set(pct) == {"margin_top1_top2_nats", "label_margin_nats", "assigned_loglik_nats"}
     assert set(pct["margin_top1_top2_nats"]) == {"train", "valid", "test"}
@@ -524,16 +348,17 @@ def test_eval_details_and_match_tables(built):
     assert {r["setting"]: r for r in configs}["batch size"]["doubling"] == "8"  # smoke overlay
 
 
-def test_recovered_share_or_not_meaningful():
-    not_meaningful = dataclasses.replace(DAMAGE, after_damage=-80.0, after_recovery=-81.0,
+def test_recovered_share_or_not_meaningful(report_inputs, eval_run):
+    known = report_inputs.DAMAGE
+    not_meaningful = dataclasses.replace(known, after_damage=-80.0, after_recovery=-81.0,
                                          damage_drop=-8.0, meaningful=False,
                                          recovered_fraction=None)
     assert rpt.recovered_text(not_meaningful) == (
         "not meaningful (damage did not lower the score)")
-    assert rpt.recovered_text(DAMAGE) == "80.6 %"
-    assert rpt.recovered_text(dataclasses.replace(DAMAGE, recovered_fraction=1.25)) == "125.0 %"
-    m = eval_metrics("nondoubling", damage=not_meaningful)
-    pairs = [("nondoubling", _eval_run({}, m), None)]
+    assert rpt.recovered_text(known) == "80.6 %"
+    assert rpt.recovered_text(dataclasses.replace(known, recovered_fraction=1.25)) == "125.0 %"
+    m = report_inputs.eval_metrics("nondoubling", damage=not_meaningful)
+    pairs = [("nondoubling", eval_run({}, m), None)]
     (row,) = rpt.damage_frame(pairs).to_dict("records")
     assert row["recovered share of the damage"] == (
         "not meaningful (damage did not lower the score)")
@@ -546,10 +371,10 @@ def test_recovered_share_or_not_meaningful():
     ("trains", artifacts.TRAIN_METRICS, "vnca train"),
     ("data", artifacts.MATCH_REPORT, "vnca prepare-data"),
 ])
-def test_artifact_without_a_version_is_refused(tmp_path, kind, name, step):
+def test_artifact_without_a_version_is_refused(tmp_path, kind, name, step, report_inputs):
     """Files written before the artifacts had versions are not read: one line says which step
     to rerun."""
-    dirs = make_inputs(tmp_path)
+    dirs = report_inputs.make(tmp_path)
     path = (dirs[kind] if kind == "data" else dirs[kind][1]) / name
     lines = path.read_text().splitlines()
     old = [json.dumps({k: v for k, v in json.loads(line).items() if k != "version"})
@@ -562,8 +387,8 @@ def test_artifact_without_a_version_is_refused(tmp_path, kind, name, step):
     assert f"rerun `{step}`" in str(e.value)
 
 
-def test_tier_banners(tmp_path):
-    dirs = make_inputs(tmp_path, smoke=False)
+def test_tier_banners(tmp_path, report_inputs):
+    dirs = report_inputs.make(tmp_path, smoke=False)
     doc = parse(build(dirs))
     assert doc.banner is None  # paper tier: no banner
     html = (dirs["out"] / artifacts.REPORT_HTML).read_text()
@@ -594,12 +419,12 @@ def test_raw_statistics_come_last(built):
     assert order == sorted(order)
 
 
-def test_smoke_banner(built, tmp_path):
+def test_smoke_banner(built, tmp_path, report_inputs):
     _, html_path = built
     banner = "".join(parse(html_path).banner)
     assert banner.startswith("SMOKE RUN")
     assert "doubling (100,000 steps)" in banner and "NOT comparable" in banner
-    full = make_inputs(tmp_path, smoke=False)
+    full = report_inputs.make(tmp_path, smoke=False)
     doc = parse(build(full))
     assert doc.banner is None
     assert {r["run"] for r in table_dicts(doc.tables["results"])} == {"paper"}
@@ -628,8 +453,8 @@ def _one_line(excinfo) -> str:
 
 @pytest.mark.parametrize("which", ["eval", "train", "data", "eval_metrics", "train_summary",
                                    "train_config", "match_report"])
-def test_missing_input_is_one_line_error(tmp_path, which):
-    dirs = make_inputs(tmp_path)
+def test_missing_input_is_one_line_error(tmp_path, which, report_inputs):
+    dirs = report_inputs.make(tmp_path)
     target = {
         "eval": dirs["evals"][1], "train": dirs["trains"][0], "data": dirs["data"],
         "eval_metrics": dirs["evals"][1] / artifacts.EVAL_METRICS,
@@ -653,10 +478,10 @@ def test_missing_input_is_one_line_error(tmp_path, which):
     assert not (dirs["out"] / artifacts.REPORT_HTML).exists()
 
 
-def test_cli_reports_missing_dir_on_one_line(tmp_path, capsys):
+def test_cli_reports_missing_dir_on_one_line(tmp_path, capsys, report_inputs):
     from vnca.cli import main
 
-    dirs = make_inputs(tmp_path)
+    dirs = report_inputs.make(tmp_path)
     missing = tmp_path / "nope"
     rc = main(["report", "--evals", str(dirs["evals"][0]), str(missing), "--train",
                *map(str, dirs["trains"]), "--data", str(dirs["data"]), "--out",
@@ -666,8 +491,8 @@ def test_cli_reports_missing_dir_on_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("vnca report: error:") and str(missing) in err
 
 
-def test_corrupt_and_ambiguous_inputs(tmp_path):
-    dirs = make_inputs(tmp_path)
+def test_corrupt_and_ambiguous_inputs(tmp_path, report_inputs):
+    dirs = report_inputs.make(tmp_path)
     m = dirs["evals"][0] / artifacts.EVAL_METRICS
     m.write_text('{"variant": ')
     with pytest.raises(DataError, match="not valid JSON"):
@@ -676,7 +501,7 @@ def test_corrupt_and_ambiguous_inputs(tmp_path):
     with pytest.raises(DataError, match="missing 'variant'"):
         build(dirs)
     # Two evaluations of the same variant and name are ambiguous.
-    dirs = make_inputs(tmp_path / "b")
+    dirs = report_inputs.make(tmp_path / "b")
     copy = tmp_path / "copy"
     shutil.copytree(dirs["evals"][0], copy)
     with pytest.raises(DataError, match="two evaluation directories for doubling") as e:
@@ -686,12 +511,13 @@ def test_corrupt_and_ambiguous_inputs(tmp_path):
         rpt.build_report([], dirs["trains"], dirs["data"], dirs["out"])
 
 
-def test_metrics_jsonl_is_read_tolerantly(tmp_path):
+def test_metrics_jsonl_is_read_tolerantly(tmp_path, report_inputs):
     p = tmp_path / "metrics.jsonl"
-    good = [train_record(0), train_record(5, loss=3.0, kl=2.0, recon=-1.0),
+    record = report_inputs.train_record
+    good = [record(0), record(5, loss=3.0, kl=2.0, recon=-1.0),
             contracts.ValidRecord(step=5, split="valid", val_elbo=-4.0, val_images=8,
                                   val_iw_samples=1),
-            train_record(10, loss=float("nan"), kl=2.5, recon=float("inf")),  # not plotted
+            record(10, loss=float("nan"), kl=2.5, recon=float("inf")),  # not plotted
             ]
     text = "\n".join(json.dumps(r.to_json()) for r in good) + "\n\n" + '{"step": 15, "lo'
     p.write_text(text)
@@ -708,11 +534,11 @@ def test_metrics_jsonl_is_read_tolerantly(tmp_path):
         contracts.read_train_log(p)
 
 
-def test_unpairable_runs_are_one_user_error(tmp_path, capsys):
+def test_unpairable_runs_are_one_user_error(tmp_path, capsys, report_inputs):
     """A baseline evaluation beside a doubling model (a TypeError deep in the report before)."""
     from vnca.cli import main
 
-    dirs = make_inputs(tmp_path)
+    dirs = report_inputs.make(tmp_path)
     train = {json.loads((t / artifacts.TRAIN_SUMMARY).read_text())["variant"]: t
              for t in dirs["trains"]}
     evals = {json.loads((e / artifacts.EVAL_METRICS).read_text())["variant"]: e
@@ -774,8 +600,8 @@ def _lines(*records) -> str:
     (_set("iwelbo.extra", 1), "unknown key 'iwelbo.extra'"),
     (_set("version", 2), "rerun `vnca evaluate`"),
 ])
-def test_malformed_eval_metrics_is_one_data_error(tmp_path, edit, key):
-    dirs = make_inputs(tmp_path)
+def test_malformed_eval_metrics_is_one_data_error(tmp_path, edit, key, report_inputs):
+    dirs = report_inputs.make(tmp_path)
     path = dirs["evals"][1] / artifacts.EVAL_METRICS
     _edit_json(path, edit)
     with pytest.raises(DataError) as e:
@@ -792,19 +618,21 @@ def test_malformed_eval_metrics_is_one_data_error(tmp_path, edit, key):
     (artifacts.TRAIN_SUMMARY, _set("wall_time_s", [1]), "wall_time_s"),
     (artifacts.TRAIN_SUMMARY, lambda d: None, "expected a JSON object"),
     (artifacts.TRAIN_METRICS, '[1, 2]\n{"step": 1}\n', "line 1"),
-    (artifacts.TRAIN_METRICS, _lines(train_record(1), {"version": 1, "loss": 3.0},
-                                     train_record(3)), "line 2: missing 'step'"),
-    (artifacts.TRAIN_METRICS, _lines(dict(train_record(1).to_json(), loss="3.0"),
-                                     train_record(2)), "'loss'"),
+    (artifacts.TRAIN_METRICS, lambda rec: _lines(rec(1), {"version": 1, "loss": 3.0}, rec(3)),
+     "line 2: missing 'step'"),
+    (artifacts.TRAIN_METRICS, lambda rec: _lines(dict(rec(1).to_json(), loss="3.0"), rec(2)),
+     "'loss'"),
     (artifacts.TRAIN_METRICS, b'{"step": 1}\n\xff\n', "cannot read"),
 ])
-def test_malformed_train_artifacts_are_one_data_error(tmp_path, name, edit, key):
-    dirs = make_inputs(tmp_path)
+def test_malformed_train_artifacts_are_one_data_error(tmp_path, name, edit, key, report_inputs):
+    dirs = report_inputs.make(tmp_path)
     path = dirs["trains"][0] / name
     if isinstance(edit, str):
         path.write_text(edit)
     elif isinstance(edit, bytes):
         path.write_bytes(edit)
+    elif name == artifacts.TRAIN_METRICS:  # lines made of known training records
+        path.write_text(edit(report_inputs.train_record))
     else:
         _edit_json(path, edit)
     with pytest.raises(DataError) as e:
@@ -812,12 +640,12 @@ def test_malformed_train_artifacts_are_one_data_error(tmp_path, name, edit, key)
     assert str(path) in _one_line(e) and key in str(e.value)
 
 
-def test_match_distributions_without_values_are_not_plotted():
+def test_match_distributions_without_values_are_not_plotted(report_inputs):
     """A split with no finite values has a distribution of only `n` (matching.distribution)."""
     empty = contracts.Distribution(n=0)
-    none = match_summary(margin_top1_top2_nats=empty, label_margin_nats=empty,
-                         assigned_loglik_nats=empty)
-    report = match_report(splits={"train": none, "valid": none, "test": none})
+    none = report_inputs.match_summary(margin_top1_top2_nats=empty, label_margin_nats=empty,
+                                       assigned_loglik_nats=empty)
+    report = report_inputs.match_report(splits={"train": none, "valid": none, "test": none})
     assert rpt.match_percentiles(report) == {}
     assert rpt.match_table(report).set_index("field").loc["label_margin_nats", "test"] == "n: 0"
     blocks = rpt.report_blocks([], rpt.DataInfo(Path("d"), report, None, None))
@@ -836,9 +664,9 @@ def mode(path: Path) -> int:
 
 @pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755),
                                                         (0o027, 0o640, 0o750)])
-def test_outputs_honour_the_umask(tmp_path, umask, file_mode, dir_mode):
+def test_outputs_honour_the_umask(tmp_path, umask, file_mode, dir_mode, report_inputs):
     """report.html / report.md were 0600 and figures/ 0700 (mkstemp, mkdtemp)."""
-    dirs = make_inputs(tmp_path)
+    dirs = report_inputs.make(tmp_path)
     old = os.umask(umask)
     try:
         build(dirs)
@@ -854,8 +682,8 @@ def test_outputs_honour_the_umask(tmp_path, umask, file_mode, dir_mode):
     assert sorted(p.name for p in out.iterdir()) == ["figures", "report.html", "report.md"]
 
 
-def test_out_that_is_a_file_is_refused_before_reading(tmp_path):
-    dirs = make_inputs(tmp_path)
+def test_out_that_is_a_file_is_refused_before_reading(tmp_path, report_inputs):
+    dirs = report_inputs.make(tmp_path)
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     for out in (a_file, a_file / "sub"):

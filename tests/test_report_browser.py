@@ -9,11 +9,6 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from test_report import RUNS, make_inputs
-except ImportError:  # tests/ imported as a package
-    from tests.test_report import RUNS, make_inputs
-
 from vnca import artifacts
 from vnca.report import build_report
 
@@ -38,10 +33,10 @@ TABLE_JS = """() => {
 }"""
 
 
-def test_report_renders_in_chromium(tmp_path):
+def test_report_renders_in_chromium(tmp_path, report_inputs):
     from playwright.sync_api import sync_playwright
 
-    dirs = make_inputs(tmp_path)
+    dirs = report_inputs.make(tmp_path)
     html_path = build_report(dirs["evals"], dirs["trains"], dirs["data"], dirs["out"])
     # Opened from another directory: nothing may depend on files next to the HTML.
     moved = tmp_path / "elsewhere" / artifacts.REPORT_HTML
@@ -77,7 +72,7 @@ def test_report_renders_in_chromium(tmp_path):
     assert header[:3] == ["variant", "run", "ours (nats, mean ± se)"]
     assert [r[0] for r in body] == ["baseline", "doubling", "nondoubling"]
     by_variant = {r[0]: r for r in body}
-    for variant, (mean, se, *_) in RUNS.items():
+    for variant, (mean, se, *_) in report_inputs.RUNS.items():
         assert by_variant[variant][2] == f"{mean:.2f} ± {se:.2f}"
     assert banner.startswith("SMOKE RUN")
     assert screenshot.stat().st_size > 10_000

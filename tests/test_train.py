@@ -15,31 +15,6 @@ from vnca.errors import ConfigError, DataError
 from vnca.models import build_model
 from vnca.models.model_io import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "configs" / "smoke.yaml"
-
-
-def make_dataset(path: Path, n_train=48, n_valid=16, n_test=8, seed=0) -> Path:
-    """A tiny dataset.npz with the artifact's keys: 28x28 uint8 rectangles."""
-    rs = np.random.default_rng(seed)
-    d = {}
-    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
-        x = np.zeros((n, 28, 28), np.uint8)
-        for i in range(n):
-            r, c = rs.integers(4, 18, 2)
-            x[i, r:r + 8, c:c + 6] = 1
-        d[f"{split}_x"] = x
-        d[f"{split}_y"] = rs.integers(0, 10, n).astype(np.int64)
-        d[f"{split}_mnist_index"] = np.arange(n, dtype=np.int64)
-    path.mkdir(parents=True, exist_ok=True)
-    np.savez(path / artifacts.DATASET, **d)
-    return path
-
-
-def smoke_cfg(variant: str, *overrides: str) -> config.Config:
-    return config.load([ROOT / "configs" / f"{variant}.yaml", SMOKE], list(overrides))
-
-
 # -- keys --------------------------------------------------------------------------------------
 
 def test_named_keys_are_distinct_and_seeded():
@@ -105,7 +80,7 @@ def test_data_order_is_a_function_of_the_step_and_covers_each_epoch():
 
 # -- pool loss ----------------------------------------------------------------------------------
 
-def test_pool_loss_uses_pool_images_and_states_and_damages_the_first_pool_rows():
+def test_pool_loss_uses_pool_images_and_states_and_damages_the_first_pool_rows(smoke_cfg):
     cfg = smoke_cfg("nondoubling", "model.damage_size=4")
     model = build_model(cfg)
     params = model.init(jax.random.key(0))  # zero-init last conv: growth leaves states as is
@@ -140,7 +115,7 @@ def test_pool_loss_uses_pool_images_and_states_and_damages_the_first_pool_rows()
 # -- the loop: files, resume, no-op, errors ------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def data_dir(tmp_path_factory, make_dataset):
     return make_dataset(tmp_path_factory.mktemp("data"))
 
 
@@ -149,7 +124,8 @@ FAST = ("train.checkpoint_every=2", "train.log_every=2", "train.val_every=3",
 
 
 @pytest.mark.slow
-def test_train_writes_contract_files_and_resumes_to_the_same_params(data_dir, tmp_path):
+def test_train_writes_contract_files_and_resumes_to_the_same_params(data_dir, tmp_path,
+                                                                    smoke_cfg):
     cfg = smoke_cfg("nondoubling", *FAST)
     full = train.train_and_evaluate(cfg, data_dir=data_dir, out_dir=tmp_path / "a", steps=4)
     assert full["variant"] == "nondoubling" and full["steps"] == 4
@@ -234,7 +210,8 @@ def _malformed_copies_are_refused(run: Path, tmp: Path) -> None:
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path,
+                                                                   smoke_cfg):
     cfg = smoke_cfg("baseline", "train.checkpoint_every=1", "train.log_every=1",
                     "train.val_every=0", "train.batch_size=4", "train.learning_rate=1e30")
     with pytest.raises(train.TrainingDivergedError, match=r"step \d+.*last good checkpoint"):
@@ -249,7 +226,37 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     assert max(r["step"] for r in recs) == max(ckpts)
 
 
-def test_batch_must_divide_over_devices():
+@pytest.mark.slow
+def test_validation_is_the_evaluation_bound_on_the_validation_subset(data_dir, smoke_cfg,
+                                                                     random_params):
+    """One importance-weighted bound: the validator's value is `vnca.evaluation.bound`'s on its
+    subset of the validation split, image i's key `fold_in(key, i)`; the subset is fixed."""
+    from vnca import distributed
+    from vnca.data import pad_images
+    from vnca.evaluation import bound
+
+    cfg = smoke_cfg("nondoubling", "train.batch_size=4", "train.pool.size=8",
+                    "train.val_images=8", "train.val_iw_samples=2")
+    model = build_model(cfg)
+    params = random_params(model)
+    _, x_valid = train.training_images(cfg, data_dir)
+    mesh = distributed.make_mesh()
+    feeder = train.Feeder(mesh, cfg.train.batch_size, cfg.data.pad_to)
+    val = train.Validator(model, cfg, x_valid, jax.random.key(5), mesh, feeder)
+    got = val(params)
+    idx = val.index_N
+    assert len(set(idx.tolist())) == 8 and idx.max() < len(x_valid)
+    want = bound.iw_bound(model, params, pad_images(x_valid[idx], cfg.data.pad_to), idx, val.key,
+                          2, 4, progress=False)["iw"]
+    assert got == {"val_elbo": pytest.approx(want.mean(), rel=1e-5), "val_images": 8,
+                   "val_iw_samples": 2}
+    again = train.Validator(model, cfg, x_valid, jax.random.key(5), mesh, feeder)
+    np.testing.assert_array_equal(again.index_N, idx)
+    assert train.Validator.maybe(model, smoke_cfg("nondoubling", "train.val_every=0"), x_valid,
+                                 jax.random.key(5), mesh, feeder) is None
+
+
+def test_batch_must_divide_over_devices(smoke_cfg):
     cfg = smoke_cfg("doubling", "train.batch_size=6")
     with pytest.raises(ConfigError, match="train.batch_size=6.*4"):
         train.check_batch(cfg, 4)
@@ -274,7 +281,7 @@ def test_cluster_from_env():
     assert cluster_from_env({"CLUSTER_SPEC": json.dumps(one)}) is None
 
 
-def test_train_plus_valid_and_process_rows(data_dir):
+def test_train_plus_valid_and_process_rows(data_dir, smoke_cfg):
     from vnca import distributed
 
     mesh = distributed.make_mesh()

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import make_dataset, smoke_cfg
 
 from vnca import train
 
@@ -59,7 +58,7 @@ print(json.dumps({"n": s8["n_devices"], "diff": diff, "scale": scale,
 
 
 @pytest.mark.slow
-def test_one_and_eight_devices_train_to_the_same_parameters(tmp_path):
+def test_one_and_eight_devices_train_to_the_same_parameters(tmp_path, smoke_cfg, make_dataset):
     data = make_dataset(tmp_path / "data")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(data), str(tmp_path),

@@ -13,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 from flax import serialization
-from test_train import make_dataset
 
 from vnca import artifacts
 
@@ -80,7 +79,7 @@ def _losses(out: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_and_resume_from_their_checkpoint(tmp_path):
+def test_two_processes_train_like_one_and_resume_from_their_checkpoint(tmp_path, make_dataset):
     data = make_dataset(tmp_path / "data", n_train=64)
     one, two = tmp_path / "one", tmp_path / "two"
     _run_processes([(_train_cmd(data, one, 4), _env(8))])

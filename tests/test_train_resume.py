@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import FAST, make_dataset, smoke_cfg
 
 from vnca import artifacts, train
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
+FAST = ("train.checkpoint_every=2", "train.log_every=2", "train.val_every=3",
+        "train.val_images=8", "train.batch_size=4", "train.pool.size=8")
 
 
 def _ckpt_steps(out: Path) -> list[int]:
@@ -23,7 +24,7 @@ def _ckpt_steps(out: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_restart_matches_an_uninterrupted_run(tmp_path):
+def test_sigkill_then_restart_matches_an_uninterrupted_run(tmp_path, smoke_cfg, make_dataset):
     data = make_dataset(tmp_path / "data")
     cfg = smoke_cfg("nondoubling", *FAST)  # pool variant: params, Adam state and pool resume
     train.train_and_evaluate(cfg, data_dir=data, out_dir=tmp_path / "straight", steps=STEPS)
