@@ -1,5 +1,5 @@
 """`vnca run-local`: the whole pipeline through kfp.local (SubprocessRunner) on the bundled
-sample with the smoke configs, its refusals, and how it finds a failed step without trusting
+sample with the smoke configs (the three variants, and the one-variant shape), its refusals, and how it finds a failed step without trusting
 kfp.local's status (the same checks the docker runner relies on; tests/test_containers.py runs
 them in real containers).
 
@@ -7,6 +7,7 @@ The end-to-end test is the suite's slowest (every step is a fresh Python process
 JAX and compiles its functions); it runs the README's main command as a user would.
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from vnca import artifacts
 from vnca_pipeline import cli
 from vnca_pipeline import local as run_local
-from vnca_pipeline.variants import DEFAULT_VARIANTS
+from vnca_pipeline.variants import CONFIG_DIR, DEFAULT_VARIANTS
 
 
 def _one_line_error(capsys, argv) -> str:
@@ -229,3 +230,23 @@ def test_run_local_runs_every_step_end_to_end(capsys, tmp_path, check_smoke_run)
 
     # Every step's artifacts, as the container test checks them.
     assert check_smoke_run(root, train_steps=3) == run
+
+
+@pytest.mark.slow
+def test_run_local_with_one_config_runs_the_one_variant_pipeline(capsys, tmp_path):
+    root = tmp_path / "runs"
+    sets = [arg for item in FAST for arg in ("--set", item)]
+    assert cli.main(["run-local", "--smoke", "--root", str(root), "--config",
+                     str(CONFIG_DIR / "baseline.yaml"), *sets]) == 0
+    out = capsys.readouterr().out
+    (run,) = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("vnca-")]
+    steps = ["prepare-data", "train-baseline", "evaluate-baseline", "report"]
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == sorted(steps)
+    log = (run / "run.log").read_text(errors="replace")
+    assert run_local.failed_step(run, ["baseline"], log) is None
+    for step in steps:
+        assert f"  {step} done in " in out
+    bounds = json.loads((run / "report" / run_local.EXECUTOR_OUTPUT).read_text())
+    assert list(bounds["artifacts"]["bounds"]["artifacts"][0]["metadata"]) == [
+        "baseline_iwelbo_nats"]
+    assert "baseline" in (run / "report" / "report_dir" / artifacts.REPORT_HTML).read_text()
