@@ -17,18 +17,18 @@ from vnca.cli import DefaultsFormatter
 from vnca.errors import UserError
 
 
-def _require_kfp(command: str) -> None:
+def _require_kfp() -> None:
     try:
         import kfp  # noqa: F401
     except ImportError:
         raise UserError(
-            f"`vnca {command}` needs kfp, which the pipeline extra installs: "
+            "this command needs kfp, which the pipeline extra installs: "
             "pip install 'vnca[pipeline]'"
         ) from None
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    _require_kfp("compile")
+    _require_kfp()
     from vnca_pipeline.compile import compile_pipeline
 
     path = compile_pipeline(
@@ -39,7 +39,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_run_local(args: argparse.Namespace) -> int:
-    _require_kfp("run-local")
+    _require_kfp()
     from vnca_pipeline.local import run_local
 
     tier = "smoke" if args.smoke else "paper" if args.full else args.tier
@@ -65,7 +65,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    _require_kfp("submit")
+    _require_kfp()
     from vnca_pipeline.submit import submit
 
     submit(

@@ -125,7 +125,7 @@ def build_pipeline(
             f"the pipeline runs the variants {', '.join(DEFAULT_VARIANTS)} or any one config, "
             f"got configs named {', '.join(variants)}"
         )
-    names = list(DEFAULT_VARIANTS) if len(variants) == 3 else list(variants)
+    names = list(DEFAULT_VARIANTS) if len(variants) > 1 else list(variants)
     data = default_data_params(target, tier)
     prepare_data_op = with_image(prepare_data, image)
     train_ops = {n: _sized(train, v, target, image, "train") for n, v in variants.items()}
@@ -150,7 +150,7 @@ def build_pipeline(
         ).set_display_name(f"evaluate-{name}")
         return model.outputs["model"], evaluation.outputs["evaluation"]
 
-    if len(variants) == 3:
+    if len(variants) > 1:  # the variants are DEFAULT_VARIANTS
 
         @dsl.pipeline(name=PIPELINE_NAME, description=description)
         def vnca(
