@@ -88,14 +88,15 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", help="container image for every step (default: the target's "
                    "image in components/images.py; images/build.sh passes the tag it pushed)")
     p.add_argument("--config", action="append", default=[], metavar="YAML",
-                   help="variant configs baked in as defaults (default: the three paper configs)")
+                   help="variant configs baked in as defaults: the three variants, or any one "
+                   "(default: the three paper configs)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run-local", help="run the whole pipeline locally with kfp.local",
                        formatter_class=DefaultsFormatter)
     p.add_argument("--config", action="append", default=[], metavar="YAML",
-                   help="variant configs; each gets its tier's overlay "
-                   "(default: configs/baseline.yaml, doubling.yaml and nondoubling.yaml)")
+                   help="variant configs, the three variants or any one; each gets its tier's "
+                   "overlay (default: configs/baseline.yaml, doubling.yaml and nondoubling.yaml)")
     p.add_argument("--root", default="runs/local",
                    help="local pipeline root directory (runs, logs, the compilation cache)")
     p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
@@ -143,7 +144,8 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", help="container image for every step (default: the target's "
                    "image in components/images.py)")
     p.add_argument("--config", action="append", default=[], metavar="YAML",
-                   help="variant configs (default: the three paper configs)")
+                   help="variant configs: the three variants, or any one "
+                   "(default: the three paper configs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value in every variant (the job's config_* parameters)")
     p.add_argument("--smoke", action="store_true",
