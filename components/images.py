@@ -32,7 +32,7 @@ def default_image(target: str) -> str:
     return image_uri(TARGET_ACCEL[target])
 
 
-# The image of a component as the modules below declare it (@dsl.component(base_image=...)).
+# The image each component module names in its @dsl.component(base_image=...); with_image swaps it.
 CPU_IMAGE = image_uri("cpu")
 
 
