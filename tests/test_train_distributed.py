@@ -1,10 +1,13 @@
-"""Data parallelism: 1 device and 8 (fake CPU) devices give the same parameters.
+"""Data parallelism: 1 device and 8 (fake CPU) devices give the same parameters and the same
+validation bound.
 
 JAX fixes its device count when the backend starts, and other tests in this process have
 started it with one device, so the 8-device run happens in a subprocess that asks for 8 CPU
 devices before touching JAX, while this process trains the same config on its one device; the
-subprocess then compares the two parameter sets. The config is the pool variant: a sharded pool, a batch split 1 row per device, pool rows that live on other
-devices than the slots they come from, and a global shuffle.
+subprocess then compares the two parameter sets. The config is the pool variant: a sharded
+pool, a batch split 1 row per device, pool rows that live on other devices than the slots they
+come from, and a global shuffle; validation splits its batches of images and their indices
+over the devices the same way.
 """
 
 import json
@@ -19,7 +22,8 @@ from vnca import train
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ("train.batch_size=8", "train.pool.size=16", "train.checkpoint_every=3",
-             "train.log_every=1", "train.val_every=0")
+             "train.log_every=1", "train.val_every=3", "train.val_images=16",
+             "train.val_iw_samples=2")
 
 SCRIPT = r"""
 import json, sys
@@ -45,7 +49,9 @@ scale = max(float(np.max(np.abs(a))) for a in p1)
 init = jax.tree_util.tree_leaves(jax.device_get(
     train.init_state(train.build_model(cfg), cfg, train.rng.named_keys(0)["init"])["params"]))
 moved = max(float(np.max(np.abs(a - b))) for a, b in zip(p1, init))
-loss = lambda d: [json.loads(l)["loss"] for l in open(d + "/metrics.jsonl")]
+records = lambda d: [json.loads(l) for l in open(d + "/metrics.jsonl")]
+loss = lambda d: [r["loss"] for r in records(d) if "loss" in r]
+val = lambda d: [r["val_elbo"] for r in records(d) if "val_elbo" in r]
 try:
     train.check_batch(config.load(["configs/doubling.yaml"], ["train.batch_size=12"]), len(devs))
     err = None
@@ -53,6 +59,7 @@ except ConfigError as e:
     err = str(e)
 print(json.dumps({"n": s8["n_devices"], "diff": diff, "scale": scale,
                   "moved": moved, "loss1": loss(out + "/one"), "loss8": loss(out + "/eight"),
+                  "val1": val(out + "/one"), "val8": val(out + "/eight"),
                   "hardware": s8["hardware"], "err": err}))
 """
 
@@ -82,4 +89,7 @@ def test_one_and_eight_devices_train_to_the_same_parameters(tmp_path, smoke_cfg,
     assert len(r["loss1"]) == 3
     for a, b in zip(r["loss1"], r["loss8"]):
         assert abs(a - b) <= 1e-4 * abs(a), (r["loss1"], r["loss8"])
+    # Validation (two batches of 8 images, split over the devices) is the same bound too.
+    assert len(r["val1"]) == len(r["val8"]) == 1
+    assert abs(r["val1"][0] - r["val8"][0]) <= 1e-4 * abs(r["val1"][0]), (r["val1"], r["val8"])
     assert r["err"] is not None and "train.batch_size=12" in r["err"] and "(8)" in r["err"]

@@ -56,53 +56,19 @@ PROBE_TEST_FRACTION = 0.2
 KNN_NEIGHBOURS = 10
 
 
-def eval_config(cfg: config.Config, overrides: list[str] = ()) -> config.Config:
-    """The model's config with evaluation overrides applied (and, like every config, checked
-    by `config.validate`)."""
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if not (key.startswith("eval.") or key in OVERRIDABLE_MODEL_KEYS):
-            raise ConfigError(f"--set {item}: evaluate only overrides eval.* keys, "
-                              f"{' and '.join(OVERRIDABLE_MODEL_KEYS)} (the model is fixed by "
-                              "its training config)")
-    return config.apply_overrides(cfg, overrides)
-
-
-def _digit_classifier(data_dir) -> classifier.ClassifierWeights:
-    """The dataset's digit classifier (`vnca prepare-data` fits it); fit here for a dataset
-    written before it had one."""
-    from vnca.data import load_split
-
-    path = Path(data_dir) / artifacts.DIGIT_CLASSIFIER
-    if path.is_file():
-        return classifier.ClassifierWeights.load(path)
-    x, y = load_split(data_dir, "train")
-    x_t, y_t = load_split(data_dir, "test")
-    return classifier.fit(x, y, seed=0, x_test_NxHxW=x_t, y_test_N=y_t)
-
-
-def eval_keys(seed: int) -> dict:
-    """One independent key per measurement (`rng.EVAL_PURPOSES`), from `key(seed)`."""
-    return rng.named_keys(seed, rng.EVAL_PURPOSES)
-
-
-def _write_npz(arrays: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        np.savez_compressed(tmp, **arrays)
-
-
-def _knn_accuracy(points_NxD: np.ndarray, labels_N: np.ndarray, k: int) -> float:
-    """Leave-one-out accuracy of a k-nearest-neighbour majority vote (ties: smallest label)."""
-    from sklearn.neighbors import NearestNeighbors
-    from threadpoolctl import threadpool_limits
-
-    k = min(k, len(points_NxD) - 1)
-    with threadpool_limits(1):  # see latent.tsne
-        nn = NearestNeighbors(n_neighbors=k + 1).fit(points_NxD)
-        _, idx = nn.kneighbors(points_NxD)
-    neigh = labels_N[idx[:, 1:]]
-    votes = np.stack([np.bincount(r, minlength=10) for r in neigh])
-    return float(np.mean(votes.argmax(-1) == labels_N))
+def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
+             out_dir: str | os.PathLike, overrides: list[str] = (),
+             progress: bool = True) -> dict:
+    """Evaluate a trained model on the test split; write OUT_DIR and return the metrics."""
+    run = _open(model_dir, data_dir, out_dir, overrides, progress)
+    metrics, seconds = _description(run, model_dir), {}
+    for name, measure in MEASUREMENTS:
+        t0 = time.perf_counter()
+        sections = measure(run)
+        if sections is not None:  # it applies to the variant and the eval config
+            metrics.update(sections)
+            seconds[name] = time.perf_counter() - t0
+    return _write(run, metrics, seconds)
 
 
 @dataclasses.dataclass
@@ -160,21 +126,6 @@ class EvalRun:
         n = max(e.n_samples, e.classify_images, GROWTH_EXAMPLES)
         k_z = jax.random.split(self.keys["samples"], 3)[0]
         return np.asarray(jax.random.normal(k_z, (n, self.cfg.model.z_dim)))
-
-
-def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
-             out_dir: str | os.PathLike, overrides: list[str] = (),
-             progress: bool = True) -> dict:
-    """Evaluate a trained model on the test split; write OUT_DIR and return the metrics."""
-    run = _open(model_dir, data_dir, out_dir, overrides, progress)
-    metrics, seconds = _description(run, model_dir), {}
-    for name, measure in MEASUREMENTS:
-        t0 = time.perf_counter()
-        sections = measure(run)
-        if sections is not None:  # it applies to the variant and the eval config
-            metrics.update(sections)
-            seconds[name] = time.perf_counter() - t0
-    return _write(run, metrics, seconds)
 
 
 def _open(model_dir, data_dir, out_dir, overrides: list[str], progress: bool) -> EvalRun:
@@ -455,8 +406,8 @@ def measure_interpolations(run: EvalRun) -> dict | None:
                               "labels": run.y_N[pairs].tolist()}}
 
 
-# (seconds key, measurement), in the order they run; the bound first, as the untrained
-# model's bound is compared with it.
+# (key in metrics.json's `seconds`, measurement), in the order they run; the bound first, so
+# that computing the trained model's bound (which the untrained one reuses) counts as its time.
 MEASUREMENTS = (
     ("iwelbo", measure_bound),
     ("iwelbo_untrained", measure_untrained),
@@ -467,6 +418,59 @@ MEASUREMENTS = (
     ("tsne", measure_tsne),
     ("interpolation", measure_interpolations),
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def eval_config(cfg: config.Config, overrides: list[str] = ()) -> config.Config:
+    """The model's config with evaluation overrides applied (and, like every config, checked
+    by `config.validate`)."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not (key.startswith("eval.") or key in OVERRIDABLE_MODEL_KEYS):
+            raise ConfigError(f"--set {item}: evaluate only overrides eval.* keys, "
+                              f"{' and '.join(OVERRIDABLE_MODEL_KEYS)} (the model is fixed by "
+                              "its training config)")
+    return config.apply_overrides(cfg, overrides)
+
+
+def _digit_classifier(data_dir) -> classifier.ClassifierWeights:
+    """The dataset's digit classifier (`vnca prepare-data` fits it); fit here for a dataset
+    written before it had one."""
+    from vnca.data import load_split
+
+    path = Path(data_dir) / artifacts.DIGIT_CLASSIFIER
+    if path.is_file():
+        return classifier.ClassifierWeights.load(path)
+    x, y = load_split(data_dir, "train")
+    x_t, y_t = load_split(data_dir, "test")
+    return classifier.fit(x, y, seed=0, x_test_NxHxW=x_t, y_test_N=y_t)
+
+
+def eval_keys(seed: int) -> dict:
+    """One independent key per measurement (`rng.EVAL_PURPOSES`), from `key(seed)`."""
+    return rng.named_keys(seed, rng.EVAL_PURPOSES)
+
+
+def _write_npz(arrays: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
+
+
+def _knn_accuracy(points_NxD: np.ndarray, labels_N: np.ndarray, k: int) -> float:
+    """Leave-one-out accuracy of a k-nearest-neighbour majority vote (ties: smallest label)."""
+    from sklearn.neighbors import NearestNeighbors
+    from threadpoolctl import threadpool_limits
+
+    k = min(k, len(points_NxD) - 1)
+    with threadpool_limits(1):  # see latent.tsne
+        nn = NearestNeighbors(n_neighbors=k + 1).fit(points_NxD)
+        _, idx = nn.kneighbors(points_NxD)
+    neigh = labels_N[idx[:, 1:]]
+    votes = np.stack([np.bincount(r, minlength=10) for r in neigh])
+    return float(np.mean(votes.argmax(-1) == labels_N))
 
 
 def _jsonable(obj):
