@@ -76,6 +76,12 @@ class ModelConfig:
     # im2col matmuls under both. "xla": the backend's own convs for every layer (GPU/TPU; slow
     # inside a scan on XLA:CPU). Neither O nor R: a speed choice, see models/layers.py.
     conv_algorithm: Literal["auto", "winograd", "im2col", "xla"] = "auto"
+    # Precision of every matmul and conv (models/layers.py): "float32" operands at the
+    # backend's default matmul precision, or "bf16_operands": operands rounded to bfloat16,
+    # products accumulated in float32, forward and backward; parameters, optimizer state, NCA
+    # state and losses stay float32. A TPU computes the latter for float32 at JAX's default
+    # precision (so R's runs did); docs/precision.md has the drift measured against float64.
+    precision: Literal["float32", "bf16_operands"] = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

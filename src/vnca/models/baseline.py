@@ -21,17 +21,18 @@ class BaselineDecoder(nn.Module):
     output: str = "neg_inf_padding"  # or "model_padding"
     width: int = 32
     algorithm: str = "winograd"  # "xla": XLA's transposed convs; otherwise im2col matmuls
+    precision: str = "float32"   # layers.PRECISIONS
 
     @nn.compact
     def __call__(self, z_BxZ: jax.Array) -> jax.Array:
-        w = self.width
-        h = dense(4 * 16 * w, self.z_dim)(z_BxZ).reshape(-1, 2, 2, 16 * w)
+        w, a, p = self.width, self.algorithm, self.precision
+        h = dense(4 * 16 * w, self.z_dim, p)(z_BxZ).reshape(-1, 2, 2, 16 * w)
         for c in (8 * w, 4 * w, 2 * w, w):
             h = nn.elu(conv_transpose(c, 5, stride=2, torch_padding=2, output_padding=1,
-                                      algorithm=self.algorithm)(h))
+                                      algorithm=a, precision=p)(h))
         pad = 2 if self.output == "model_padding" else 4
-        logits_BxHxW = conv_transpose(1, 5, stride=1, torch_padding=pad,
-                                      algorithm=self.algorithm)(h)[..., 0]
+        logits_BxHxW = conv_transpose(1, 5, stride=1, torch_padding=pad, algorithm=a,
+                                      precision=p)(h)[..., 0]
         if self.output == "neg_inf_padding":
             logits_BxHxW = jnp.pad(logits_BxHxW, ((0, 0), (2, 2), (2, 2)),
                                    constant_values=-jnp.inf)

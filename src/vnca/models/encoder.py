@@ -27,6 +27,7 @@ class Encoder(nn.Module):
     image_size: int = 32
     width: int = 32
     algorithm: str = "winograd"  # "xla": XLA's strided convs; otherwise im2col matmuls
+    precision: str = "float32"   # layers.PRECISIONS
 
     @nn.compact
     def __call__(self, x_BxHxWx1: jax.Array) -> jax.Array:
@@ -36,7 +37,7 @@ class Encoder(nn.Module):
         for i, c in enumerate(channels(self.width)):
             stride, pad = (1, first_pad) if i == 0 else (2, 2)
             h = nn.elu(conv(c, 5, 25 * c_in, stride=stride, padding=pad,
-                             algorithm=self.algorithm)(h))
+                             algorithm=self.algorithm, precision=self.precision)(h))
             c_in = c
         h = h.reshape(h.shape[0], -1)
-        return dense(2 * self.z_dim, h.shape[-1])(h)
+        return dense(2 * self.z_dim, h.shape[-1], self.precision)(h)

@@ -22,6 +22,25 @@ The parameter tree (`Conv_i/kernel` of shape (k, k, in, out), `Conv_i/bias`) is 
 `nn.Conv` whatever the algorithm, so checkpoints move between them. The encoder's strided convs
 and the baseline's transposed convs are im2col matmuls under the other algorithms (`Conv`,
 `ConvTranspose`).
+
+Every matmul and conv of the models goes through this module, so the precision policy
+(`PRECISIONS`, config `model.precision`) is applied here and nowhere else:
+- "float32": float32 operands at the backend's default matmul precision (on a TPU that is
+  itself one bfloat16 pass; on NVIDIA Ampere and later, TF32).
+- "bf16_operands": the operands of every matmul and conv are rounded to bfloat16 and the
+  products accumulate in float32 (`preferred_element_type`), forward and backward (custom VJPs:
+  autodiff of a cast dot would promote the backward dots to float32). Parameters, optimizer
+  state, the NCA state, activations and losses stay float32. This is what a TPU computes for a
+  float32 matmul at JAX's default precision, stated explicitly so that every backend computes
+  the same thing. XLA:CPU ignores the dot algorithm preset `BF16_BF16_F32` (a float32 dot with
+  it gave float32's rate and float32's error here), so the operands are cast; with AVX-512 BF16
+  a 4096^2 bfloat16 dot with float32 accumulation ran at 3-4x the float32 rate.
+  How each op gets there is chosen per op for speed, always the same numbers: the products of
+  bfloat16 values are exact in float32, so a float32 dot of the rounded values computes the
+  policy too. Winograd rounds the conv's operands and runs its transforms and channel products
+  in float32: rounding the transformed tiles instead put a 2.7 % RMS relative error on a 3x3
+  conv (F(4x4, 3x3)'s factors up to 8 amplify it; F(2x2, 3x3): 0.4 %, im2col: 0.24 %), and
+  XLA:CPU's batched bfloat16 channel products were no faster (docs/precision.md).
 """
 
 from __future__ import annotations
@@ -35,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 CONV_ALGORITHMS = ("winograd", "im2col", "xla")
+PRECISIONS = ("float32", "bf16_operands")
 # What `model.conv_algorithm: auto` means on each JAX platform: today's matmul paths where
 # they were measured fastest (the CPU), the backend's own convolutions everywhere else (TPU
 # and GPU compilers tile convs for their matrix units; Winograd's transforms with factors up to
@@ -48,6 +68,92 @@ def resolve_algorithm(algorithm: str, platform: str) -> str:
     if algorithm != "auto":
         return algorithm
     return AUTO_ALGORITHM.get(platform, AUTO_OTHER)
+
+
+# -- the precision policy ------------------------------------------------------------------------
+def _bf16(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.bfloat16)
+
+
+def _dot_f32(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+    """`lax.dot_general` accumulating (and returning) float32 whatever the operand types."""
+    return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _matmul_bf16(x_NxK: jax.Array, w_KxF: jax.Array) -> jax.Array:
+    return _dot_f32(_bf16(x_NxK), _bf16(w_KxF), ((1,), (0,)))
+
+
+def _matmul_bf16_fwd(x_NxK, w_KxF):
+    x16, w16 = _bf16(x_NxK), _bf16(w_KxF)   # the residuals are half the size, too
+    return _dot_f32(x16, w16, ((1,), (0,))), (x16, w16)
+
+
+def _matmul_bf16_bwd(residuals, dy_NxF):
+    x16, w16 = residuals
+    dy16 = _bf16(dy_NxF)
+    # The kernel gradient contracts over N, a layout XLA:CPU's bfloat16 dot runs at 0.6x the
+    # float32 rate (a 32768 x 256 x 256 dot: 107 against 180 GFLOP/s, while the forward and input
+    # gradient dots ran 2.2-2.6x faster in bfloat16); a product of two bfloat16 values is exact
+    # in float32, so the float32 dot of the rounded values is the same computation.
+    dw = _dot_f32(x16.astype(jnp.float32), dy16.astype(jnp.float32), ((0,), (0,)))
+    return _dot_f32(dy16, w16, ((1,), (1,))), dw
+
+
+_matmul_bf16.defvjp(_matmul_bf16_fwd, _matmul_bf16_bwd)
+
+
+def matmul(x_NxK: jax.Array, w_KxF: jax.Array, precision: str = "float32") -> jax.Array:
+    """x @ w under the precision policy (float32 result); leading axes of x are flattened."""
+    if precision == "float32":
+        return jnp.dot(x_NxK, w_KxF)
+    *lead, k = x_NxK.shape
+    return _matmul_bf16(x_NxK.reshape(-1, k), w_KxF).reshape(*lead, w_KxF.shape[-1])
+
+
+def _operands(x: jax.Array, precision: str) -> jax.Array:
+    """An operand as the policy sees it: rounded to bfloat16 (kept in a float32 array, where a
+    product of two such values is exact) or unchanged."""
+    return x if precision == "float32" else _round(x)
+
+
+def xla_conv(x_BxHxWxC: jax.Array, w_KxKxCxF: jax.Array, stride: int, padding,
+             lhs_dilation: int = 1, precision: str = "float32") -> jax.Array:
+    """XLA's convolution under the policy. With bfloat16 operands the gradients are autodiff's
+    of the same conv on the rounded operands with a rounded output gradient, so every
+    product is of bfloat16 values and the policy's numbers are the same as the matmul paths';
+    on GPU and TPU (the only backends "xla" is meant for) XLA runs those passes at the
+    backend's reduced precision anyway."""
+    def conv_f32(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w, (stride, stride), padding, lhs_dilation=(lhs_dilation, lhs_dilation),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if precision == "float32":
+        return conv_f32(x_BxHxWxC, w_KxKxCxF)
+    return _rounded_operands(conv_f32)(x_BxHxWxC, w_KxKxCxF)
+
+
+def _round(x: jax.Array) -> jax.Array:
+    return _bf16(x).astype(x.dtype)
+
+
+def _rounded_operands(f):
+    """f(x, w) with x, w and the output gradient rounded to bfloat16 (values; float32 types)."""
+    @jax.custom_vjp
+    def g(x, w):
+        return f(_round(x), _round(w))
+
+    def fwd(x, w):
+        xr, wr = _round(x), _round(w)
+        y, vjp = jax.vjp(f, xr, wr)
+        return y, vjp
+
+    def bwd(vjp, dy):
+        return vjp(_round(dy))
+
+    g.defvjp(fwd, bwd)
+    return g
 
 # Winograd F(m x m, 3 x 3) (Lavin & Gray 2016): Y = A^T [(G w G^T) * (B^T d B)] A over
 # (m + 2) x (m + 2) input tiles d that overlap by 2, interpolation points 0, +-1, (+-2,) inf.
@@ -120,8 +226,9 @@ def _output_tiles_transposed(dy_BxHxWxF: jax.Array, m: int) -> jax.Array:
     return dm.reshape((m + 2) ** 2, -1, f)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv3x3_winograd(x_BxHxWxC: jax.Array, w_3x3xCxF: jax.Array, m: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv3x3_winograd(x_BxHxWxC: jax.Array, w_3x3xCxF: jax.Array, m: int,
+                     precision: str = "float32") -> jax.Array:
     """3x3 conv, zero padding 1, stride 1, by Winograd F(m x m, 3 x 3); H and W divisible by m.
 
     The backward pass is Winograd too (a custom VJP; autodiff of the tile slicing would build
@@ -130,16 +237,19 @@ def conv3x3_winograd(x_BxHxWxC: jax.Array, w_3x3xCxF: jax.Array, m: int) -> jax.
     input tiles and dM the transposed output transform of the output gradient.
     """
     b, h, w, _ = x_BxHxWxC.shape
+    x_BxHxWxC, w_3x3xCxF = _operands(x_BxHxWxC, precision), _operands(w_3x3xCxF, precision)
     prod = jnp.einsum("pnc,pcf->pnf", _input_tiles(x_BxHxWxC, m), _kernel_tiles(w_3x3xCxF, m))
     return _output_tiles(prod, b, h, w, m)
 
 
-def _winograd_fwd(x_BxHxWxC, w_3x3xCxF, m):
+def _winograd_fwd(x_BxHxWxC, w_3x3xCxF, m, precision):
+    x_BxHxWxC, w_3x3xCxF = _operands(x_BxHxWxC, precision), _operands(w_3x3xCxF, precision)
     return conv3x3_winograd(x_BxHxWxC, w_3x3xCxF, m), (x_BxHxWxC, w_3x3xCxF)
 
 
-def _winograd_bwd(m, residuals, dy_BxHxWxF):
-    x_BxHxWxC, w_3x3xCxF = residuals
+def _winograd_bwd(m, precision, residuals, dy_BxHxWxF):
+    x_BxHxWxC, w_3x3xCxF = residuals      # rounded under bf16_operands; dy is rounded here
+    dy_BxHxWxF = _operands(dy_BxHxWxF, precision)
     dx = conv3x3_winograd(dy_BxHxWxF, jnp.flip(w_3x3xCxF, (0, 1)).transpose(0, 1, 3, 2), m)
     du_PxCxF = jnp.einsum("pnc,pnf->pcf", _input_tiles(x_BxHxWxC, m),
                           _output_tiles_transposed(dy_BxHxWxF, m))
@@ -160,7 +270,7 @@ def _pairs(padding: Padding) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def conv_im2col(x_BxHxWxC: jax.Array, w_KxKxCxF: jax.Array, padding: Padding,
-                stride: int = 1) -> jax.Array:
+                stride: int = 1, precision: str = "float32") -> jax.Array:
     """Conv with zero padding (one int, or (lo, hi) per spatial axis) as one matmul over the
     k*k shifted (and, with a stride, subsampled) copies of the input."""
     k, _, c, f = w_KxKxCxF.shape
@@ -171,7 +281,7 @@ def conv_im2col(x_BxHxWxC: jax.Array, w_KxKxCxF: jax.Array, padding: Padding,
     cols = jnp.concatenate([xp[:, i:i + stride * (ho - 1) + 1:stride,
                                j:j + stride * (wo - 1) + 1:stride, :]
                             for i in range(k) for j in range(k)], axis=-1)   # B x Ho x Wo x k*k*C
-    return jnp.dot(cols, w_KxKxCxF.reshape(k * k * c, f))
+    return matmul(cols, w_KxKxCxF.reshape(k * k * c, f), precision)
 
 
 def dilate(x_BxHxWxC: jax.Array, stride: int) -> jax.Array:
@@ -181,31 +291,30 @@ def dilate(x_BxHxWxC: jax.Array, stride: int) -> jax.Array:
                        (no, (0, 0, stride - 1), (0, 0, stride - 1), no))
 
 
-def pointwise(x_BxHxWxC: jax.Array, w_CxF: jax.Array) -> jax.Array:
+def pointwise(x_BxHxWxC: jax.Array, w_CxF: jax.Array, precision: str = "float32") -> jax.Array:
     """A 1x1 conv as a 2-D matmul over the flattened cells. On XLA:CPU the kernel gradient of a
     dot over a 4-D input (a contraction over B, H and W) is far slower than over its 2-D
     reshape: a doubling NCA step at 32x32, batch 32, forward and backward took 2.06 s against
     1.41 s; whole training steps at batch 32, in the same run, 19.4 s against 15.5 s
     (doubling) and 6.3 s against 5.0 s (non-doubling)."""
     *lead, c = x_BxHxWxC.shape
-    return jnp.dot(x_BxHxWxC.reshape(-1, c), w_CxF).reshape(*lead, w_CxF.shape[-1])
+    return matmul(x_BxHxWxC.reshape(-1, c), w_CxF, precision).reshape(*lead, w_CxF.shape[-1])
 
 
 def conv_stride1(x_BxHxWxC: jax.Array, w_KxKxCxF: jax.Array, padding: int,
-                 algorithm: str = "winograd") -> jax.Array:
-    """Stride-1 conv with symmetric zero padding by `algorithm` (see the module docstring)."""
+                 algorithm: str = "winograd", precision: str = "float32") -> jax.Array:
+    """Stride-1 conv with symmetric zero padding by `algorithm` under `precision` (see the
+    module docstring)."""
     k = w_KxKxCxF.shape[0]
     if k == 1 and padding == 0:  # a matmul over the flattened cells (see `pointwise`)
-        return pointwise(x_BxHxWxC, w_KxKxCxF[0, 0])
+        return pointwise(x_BxHxWxC, w_KxKxCxF[0, 0], precision)
     if algorithm == "xla":
-        return jax.lax.conv_general_dilated(
-            x_BxHxWxC, w_KxKxCxF, (1, 1), ((padding, padding), (padding, padding)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return xla_conv(x_BxHxWxC, w_KxKxCxF, 1, _pairs(padding), precision=precision)
     if algorithm == "winograd" and k == 3 and padding == 1:
         m = winograd_tile(*x_BxHxWxC.shape[1:3])
         if m is not None:
-            return conv3x3_winograd(x_BxHxWxC, w_KxKxCxF, m)
-    return conv_im2col(x_BxHxWxC, w_KxKxCxF, padding)
+            return conv3x3_winograd(x_BxHxWxC, w_KxKxCxF, m, precision)
+    return conv_im2col(x_BxHxWxC, w_KxKxCxF, padding, precision=precision)
 
 
 class Conv(nn.Module):
@@ -222,6 +331,7 @@ class Conv(nn.Module):
     use_bias: bool = True
     algorithm: str = "winograd"
     stride: int = 1
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
@@ -229,13 +339,12 @@ class Conv(nn.Module):
         k, c = self.kernel, x_BxHxWxC.shape[-1]
         w_KxKxCxF = self.param("kernel", init, (k, k, c, self.features))
         if self.stride == 1:
-            y = conv_stride1(x_BxHxWxC, w_KxKxCxF, self.padding, self.algorithm)
+            y = conv_stride1(x_BxHxWxC, w_KxKxCxF, self.padding, self.algorithm, self.precision)
         elif self.algorithm == "xla":
-            y = jax.lax.conv_general_dilated(
-                x_BxHxWxC, w_KxKxCxF, (self.stride, self.stride), _pairs(self.padding),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = xla_conv(x_BxHxWxC, w_KxKxCxF, self.stride, _pairs(self.padding),
+                         precision=self.precision)
         else:
-            y = conv_im2col(x_BxHxWxC, w_KxKxCxF, self.padding, self.stride)
+            y = conv_im2col(x_BxHxWxC, w_KxKxCxF, self.padding, self.stride, self.precision)
         if self.use_bias:
             y = y + self.param("bias", init, (self.features,))
         return y
@@ -243,9 +352,9 @@ class Conv(nn.Module):
 
 def conv(features: int, kernel: int, fan_in: int, *, stride: int = 1, padding: int = 0,
          zero_init: bool = False, use_bias: bool = True, algorithm: str = "winograd",
-         name: str | None = None) -> nn.Module:
+         precision: str = "float32", name: str | None = None) -> nn.Module:
     return Conv(features, kernel, fan_in, padding, zero_init, use_bias, algorithm, stride,
-                name=name)
+                precision, name=name)
 
 
 class ConvTranspose(nn.Module):
@@ -261,6 +370,7 @@ class ConvTranspose(nn.Module):
     torch_padding: int
     output_padding: int = 0
     algorithm: str = "winograd"
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
@@ -270,22 +380,37 @@ class ConvTranspose(nn.Module):
         lo = k - 1 - self.torch_padding
         pad = ((lo, lo + self.output_padding), (lo, lo + self.output_padding))
         if self.algorithm == "xla":  # the same conv, the dilation done by XLA
-            y = jax.lax.conv_general_dilated(
-                x_BxHxWxC, w_KxKxCxF, (1, 1), pad, lhs_dilation=(self.stride, self.stride),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = xla_conv(x_BxHxWxC, w_KxKxCxF, 1, pad, self.stride, self.precision)
         else:
-            y = conv_im2col(dilate(x_BxHxWxC, self.stride), w_KxKxCxF, pad)
+            y = conv_im2col(dilate(x_BxHxWxC, self.stride), w_KxKxCxF, pad,
+                            precision=self.precision)
         return y + self.param("bias", init, (self.features,))
 
 
 def conv_transpose(features: int, kernel: int, *, stride: int, torch_padding: int,
                    output_padding: int = 0, algorithm: str = "winograd",
-                   name: str | None = None) -> ConvTranspose:
+                   precision: str = "float32", name: str | None = None) -> ConvTranspose:
     """Same output size as torch.nn.ConvTranspose2d(k, stride, padding, output_padding)."""
     return ConvTranspose(features, kernel, stride, torch_padding, output_padding, algorithm,
-                         name=name)
+                         precision, name=name)
 
 
-def dense(features: int, fan_in: int, name: str | None = None) -> nn.Dense:
-    bound = 1.0 / math.sqrt(fan_in)
-    return nn.Dense(features, kernel_init=_uniform(bound), bias_init=_uniform(bound), name=name)
+class Dense(nn.Module):
+    """`nn.Dense` with PyTorch's initialisation, under the precision policy (same parameter
+    names, shapes and initial values as `nn.Dense` with those initialisers)."""
+
+    features: int
+    fan_in: int
+    precision: str = "float32"
+
+    @nn.compact
+    def __call__(self, x_BxK: jax.Array) -> jax.Array:
+        init = _uniform(1.0 / math.sqrt(self.fan_in))
+        kernel = self.param("kernel", init, (x_BxK.shape[-1], self.features))
+        bias = self.param("bias", init, (self.features,))
+        return matmul(x_BxK, kernel, self.precision) + bias
+
+
+def dense(features: int, fan_in: int, precision: str = "float32",
+          name: str | None = None) -> Dense:
+    return Dense(features, fan_in, precision, name=name)

@@ -36,16 +36,18 @@ class ResidualUpdate(nn.Module):
     hidden: int
     n_blocks: int = 4
     conv_algorithm: str = "winograd"
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, s_BxHxWxC: jax.Array) -> jax.Array:
-        h = conv(self.hidden, 3, 9 * self.channels, padding=1,
-                 algorithm=self.conv_algorithm)(s_BxHxWxC)
+        p = self.precision
+        h = conv(self.hidden, 3, 9 * self.channels, padding=1, algorithm=self.conv_algorithm,
+                 precision=p)(s_BxHxWxC)
         h_NxF = h.reshape(-1, self.hidden)
         for _ in range(self.n_blocks):
-            r_NxF = nn.elu(conv(self.hidden, 1, self.hidden)(h_NxF))
-            h_NxF = h_NxF + conv(self.hidden, 1, self.hidden)(r_NxF)
-        out_NxC = conv(self.channels, 1, self.hidden, zero_init=True)(h_NxF)
+            r_NxF = nn.elu(conv(self.hidden, 1, self.hidden, precision=p)(h_NxF))
+            h_NxF = h_NxF + conv(self.hidden, 1, self.hidden, precision=p)(r_NxF)
+        out_NxC = conv(self.channels, 1, self.hidden, zero_init=True, precision=p)(h_NxF)
         return out_NxC.reshape(*s_BxHxWxC.shape[:-1], self.channels)
 
 
@@ -56,13 +58,14 @@ class SimpleUpdate(nn.Module):
     hidden: int
     last_bias: bool = False
     conv_algorithm: str = "winograd"
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, s_BxHxWxC: jax.Array) -> jax.Array:
         h = nn.elu(conv(self.hidden, 3, 9 * self.channels, padding=1,
-                        algorithm=self.conv_algorithm)(s_BxHxWxC))
-        out_NxC = conv(self.channels, 1, self.hidden, zero_init=True,
-                       use_bias=self.last_bias)(h.reshape(-1, self.hidden))
+                        algorithm=self.conv_algorithm, precision=self.precision)(s_BxHxWxC))
+        out_NxC = conv(self.channels, 1, self.hidden, zero_init=True, use_bias=self.last_bias,
+                       precision=self.precision)(h.reshape(-1, self.hidden))
         return out_NxC.reshape(*s_BxHxWxC.shape[:-1], self.channels)
 
 

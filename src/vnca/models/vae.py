@@ -53,15 +53,16 @@ class VAE:
         return resolve_algorithm(self.cfg.conv_algorithm, jax.default_backend())
 
     def _encoder(self) -> Encoder:
-        return Encoder(self.cfg.z_dim, self.image_size, self.cfg.conv_width, self.conv_algorithm)
+        return Encoder(self.cfg.z_dim, self.image_size, self.cfg.conv_width, self.conv_algorithm,
+                       self.cfg.precision)
 
     def _decoder(self):
-        c, algorithm = self.cfg, self.conv_algorithm
+        c, algorithm, p = self.cfg, self.conv_algorithm, self.cfg.precision
         if c.variant == "baseline":
-            return BaselineDecoder(c.z_dim, c.baseline_output, c.conv_width, algorithm)
+            return BaselineDecoder(c.z_dim, c.baseline_output, c.conv_width, algorithm, p)
         if c.variant == "doubling":
-            return nca.ResidualUpdate(c.z_dim, c.nca_hidden, c.n_residual_blocks, algorithm)
-        return nca.SimpleUpdate(c.z_dim, c.nca_hidden, c.last_layer_bias, algorithm)
+            return nca.ResidualUpdate(c.z_dim, c.nca_hidden, c.n_residual_blocks, algorithm, p)
+        return nca.SimpleUpdate(c.z_dim, c.nca_hidden, c.last_layer_bias, algorithm, p)
 
     def init(self, key: jax.Array) -> dict:
         k_enc, k_dec = jax.random.split(key)
