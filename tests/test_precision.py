@@ -209,3 +209,25 @@ def test_resolved_config_records_the_policy():
     assert model.cfg.precision == "bf16_operands"
     assert config.to_dict(cfg)["model"]["precision"] == "bf16_operands"
     assert "precision: bf16_operands" in config.dump(cfg)
+
+
+def test_report_names_each_runs_policy(tmp_path, report_inputs):
+    """The report's 'How each run was made' table names the policy of every result: the
+    training config's, and the evaluation's where it differs; files written before the policy
+    existed read as float32 (all arithmetic was)."""
+    from vnca import artifacts
+    from vnca.report import load, tables
+
+    dirs = report_inputs.make(tmp_path)
+    doubling_eval = next(d for d in dirs["evals"]
+                         if load.load_eval_dir(d).metrics.variant == "doubling")
+    report_inputs.eval_metrics("doubling", precision="bf16_operands").write(
+        doubling_eval / artifacts.EVAL_METRICS)
+    evals = [load.load_eval_dir(d) for d in dirs["evals"]]
+    trains = [load.load_train_dir(d) for d in dirs["trains"]]
+    details = tables.format_run_details(tables.results_frame(load.pair_runs(evals, trains)))
+    got = dict(zip(details["variant"], details["precision"]))
+    assert got == {"baseline": "float32", "nondoubling": "float32",
+                   "doubling": "float32 (training), bf16_operands (evaluation)"}
+    assert tables.precision_text("bf16_operands", "bf16_operands") == "bf16_operands"
+    assert tables.precision_text(None, None) == tables.MISSING

@@ -600,6 +600,9 @@ class EvalMetrics(Artifact):
     device: str
     eval_config: dict
     eval_steps: Count | None
+    # The precision policy of the evaluation's arithmetic (`model.precision`); files written
+    # before the policy existed computed in float32.
+    precision: Literal["float32", "bf16_operands"] = "float32"
     iwelbo: IwBound
     untrained: Untrained | None = None
     classifier: ClassifierInfo

@@ -44,10 +44,11 @@ from vnca.models import build_model
 from vnca.models.vae import VAE
 
 # Keys an evaluation may override besides the eval section: how many steps the non-doubling
-# model takes at test time (R: 36; O: drawn as in training) and how convolutions are computed
-# (the same math, e.g. `auto` again for a model trained on another backend). Anything else
-# would change the model.
-OVERRIDABLE_MODEL_KEYS = ("model.eval_steps", "model.conv_algorithm")
+# model takes at test time (R: 36; O: drawn as in training), how convolutions are computed
+# (the same math, e.g. `auto` again for a model trained on another backend) and the precision
+# policy of the arithmetic (metrics.json records the one used). Anything else would change the
+# model.
+OVERRIDABLE_MODEL_KEYS = ("model.eval_steps", "model.conv_algorithm", "model.precision")
 GROWTH_EXAMPLES = 8
 DECODE_BATCH = 64  # latents decoded together for samples and reconstructions
 DAMAGE_FIGURE_IMAGES = 8
@@ -164,6 +165,7 @@ def _description(run: EvalRun, model_dir) -> dict:
         "device": f"{len(devices)} x {devices[0].device_kind}",
         "eval_config": dataclasses.asdict(run.e),
         "eval_steps": run.cfg.model.eval_steps,
+        "precision": run.cfg.model.precision,
     }
 
 

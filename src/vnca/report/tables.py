@@ -28,7 +28,7 @@ RESULT_COLUMNS = [
     "untrained_stderr_nats", "trained_same_images_nats", "untrained_n_images",
     "reconstruction_accuracy", "classifier_accuracy_originals", "prior_top_probability",
     "steps", "wall_time_s", "hardware", "n_devices", "k", "n_images", "tier", "smoke",
-    "commit",
+    "commit", "train_precision", "eval_precision",
 ]
 
 
@@ -90,8 +90,18 @@ def results_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
             "tier": tier,
             "smoke": tier == "smoke",
             "commit": _attr(s, "commit"),
+            "train_precision": _attr(tr, "cfg", "model", "precision"),
+            "eval_precision": _attr(m, "precision"),
         })
     return pd.DataFrame(rows, columns=RESULT_COLUMNS).astype(object)
+
+
+def precision_text(train: str | None, evaluation: str | None) -> str:
+    """The precision policy of a result: one name, or training's and evaluation's when they
+    differ."""
+    if train and evaluation and train != evaluation:
+        return f"{train} (training), {evaluation} (evaluation)"
+    return train or evaluation or MISSING
 
 
 def format_duration(seconds: float | None) -> str:
@@ -165,8 +175,8 @@ def short_commit(commit: str | None) -> str:
 
 
 def format_run_details(df: pd.DataFrame) -> pd.DataFrame:
-    """How each result was made: training steps, wall time, hardware, K, test images and the
-    code's commit."""
+    """How each result was made: training steps, wall time, hardware, precision policy, K,
+    test images and the code's commit."""
     out = []
     for r in df.to_dict("records"):
         r = {k: _cell(v) for k, v in r.items()}
@@ -180,6 +190,7 @@ def format_run_details(df: pd.DataFrame) -> pd.DataFrame:
             "training steps": _fmt(r["steps"], ","),
             "training wall time": format_duration(r["wall_time_s"]),
             "hardware": hardware,
+            "precision": precision_text(r["train_precision"], r["eval_precision"]),
             "K (importance samples)": _fmt(r["k"], "d"),
             "test images": _fmt(r["n_images"], ","),
             "commit": short_commit(r["commit"]),
