@@ -123,6 +123,8 @@ def main() -> None:
                     "default: the library's choice, bound.sample_chunk(K))")
     ap.add_argument("--dot-1x1", action="store_true",
                     help="measure the proposed 1x1-convolution-as-dot change (see use_dot_for_1x1)")
+    ap.add_argument("--precision", default="float32", choices=["float32", "bf16_operands"],
+                    help="model.precision (the precision policy of every matmul and conv)")
     ap.add_argument("--cpu-devices", type=int, default=0,
                     help="split the host CPU into this many JAX devices (each batch of images "
                     "is split across them); 0: JAX's default")
@@ -134,7 +136,8 @@ def main() -> None:
     chunk = bound.sample_chunk(args.k) if args.chunk < 0 else (args.chunk or None)
 
     cfg = config.load([ROOT / "configs" / "doubling.yaml"])
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=False))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=False,
+                                                              precision=args.precision))
     model = build_model(cfg)
     params = random_params(model)
     rng = np.random.default_rng(0)
@@ -143,7 +146,8 @@ def main() -> None:
     index = np.arange(args.images)
     key = jax.random.key(0)
     flops = decoder_flops(cfg) * args.k
-    print(f"doubling VNCA, z={cfg.model.z_dim}, {count_params(params):,} parameters, "
+    print(f"doubling VNCA, precision {args.precision}, z={cfg.model.z_dim}, "
+          f"{count_params(params):,} parameters, "
           f"K={args.k}, {args.images} images; {jax.devices()[0].device_kind} x "
           f"{jax.device_count()}, {os.cpu_count()} CPUs")
     print(f"decoder work: {flops / 1e12:.2f} TFLOP per image, counted as a direct conv (the "

@@ -119,7 +119,7 @@ def _peak_mem_gb() -> float:
 
 
 def run_one(variant: str, batch: int, steps: int, warmup: int, remat: str, nd_steps: int,
-            extra: list[str]) -> dict:
+            extra: list[str], tier: str = "paper") -> dict:
     import dataclasses
 
     import jax
@@ -134,7 +134,10 @@ def run_one(variant: str, batch: int, steps: int, warmup: int, remat: str, nd_st
     if variant == "nondoubling" and nd_steps > 0:
         overrides += [f"model.min_steps={nd_steps}", f"model.max_steps={nd_steps}",
                       "model.steps_inclusive=true"]
-    cfg = config.load([ROOT / "configs" / f"{variant}.yaml"], overrides)
+    files = [ROOT / "configs" / f"{variant}.yaml"]
+    if tier != "paper":  # the tier's overlay (its widths and step counts; batch from --batch)
+        files.append(ROOT / "configs" / tier / f"{variant}.yaml")
+    cfg = config.load(files, overrides)
     model = build_model(cfg)
     mesh = distributed.make_mesh()
     train.check_batch(cfg, mesh.devices.size)
@@ -171,7 +174,8 @@ def run_one(variant: str, batch: int, steps: int, warmup: int, remat: str, nd_st
     mm = max(mm_before, mm_after)
     floor = flops / (mm * 1e9)
     return {
-        "variant": variant, "batch": batch, "remat": cfg.model.remat,
+        "variant": variant, "tier": tier, "precision": cfg.model.precision, "batch": batch,
+        "remat": cfg.model.remat,
         "nca_steps": (f"{cfg.model.min_steps}-{cfg.model.max_steps}"
                       if variant == "nondoubling" else None),
         "devices": distributed.hardware_string(), "compile_s": round(compile_s, 2),
@@ -194,6 +198,8 @@ def main(argv=None) -> int:
     p.add_argument("--remat", choices=["config", "on", "off"], default="config")
     p.add_argument("--nd-steps", type=int, default=36,
                    help="non-doubling NCA steps T (0: the config's drawn T)")
+    p.add_argument("--tier", choices=["paper", "cpu", "demo"], default="paper",
+                   help="layer configs/TIER/VARIANT.yaml on the paper config (default: none)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="extra config override")
     p.add_argument("--json", help="append one JSON line per variant to this file")
@@ -213,11 +219,11 @@ def main(argv=None) -> int:
     for v in args.variants:
         if args.inline:
             res = run_one(v, args.batch, args.steps, args.warmup, args.remat, args.nd_steps,
-                          args.overrides)
+                          args.overrides, args.tier)
         else:
             cmd = [sys.executable, __file__, "--inline", "--variants", v, "--batch",
                    str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--remat", args.remat, "--nd-steps", str(args.nd_steps)]
+                   "--remat", args.remat, "--nd-steps", str(args.nd_steps), "--tier", args.tier]
             for o in args.overrides:
                 cmd += ["--set", o]
             if args.json:
@@ -225,7 +231,8 @@ def main(argv=None) -> int:
             subprocess.run(cmd, check=True)
             continue
         emit(res, args.json, lambda r: (
-            f"{r['variant']:12s} batch {r['batch']}, remat {r['remat']}: compile "
+            f"{r['variant']:12s} {r['tier']} {r['precision']} batch {r['batch']}, remat "
+            f"{r['remat']}: compile "
             f"{r['compile_s']} s, {r['s_per_step']} s/step, {r['images_per_s']} img/s, peak "
             f"{r['peak_mem_gb']} GB, {r['tflop']} TFLOP/step (model {r['model_tflop']}), matmul "
             f"{max(r['matmul_gflops'])} GFLOP/s -> floor {r['floor_s']} s "
