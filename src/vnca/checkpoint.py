@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Self
 
@@ -100,8 +101,7 @@ class Checkpointer:
             problem = environment_problem(e)
             if problem is None:
                 raise
-            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(partial, ignore_errors=True)
+            self._remove_partial(step)
             last = [s for s in self.steps() if s != step]
             kept = f"checkpoint {last[-1]} is intact" if last else "no checkpoint was kept"
             raise UserError(f"{self.directory}: cannot write checkpoint {step} "
@@ -109,6 +109,22 @@ class Checkpointer:
                             "command again to resume") from None
         finally:
             absl.setLevel(level)
+
+    def _remove_partial(self, step: int) -> None:
+        """Remove what a failed save of `step` left. Orbax's writer threads may still be adding
+        files when the save's error arrives (seen under load: one file left behind), so wait
+        for them, then remove until nothing is left (a few tries)."""
+        try:
+            self._mgr.wait_until_finished()
+        except Exception:  # noqa: BLE001, S110 -- the same failure again; the files matter
+            pass
+        for _ in range(20):
+            partials = list(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+            if not partials:
+                return
+            for partial in partials:
+                shutil.rmtree(partial, ignore_errors=True)
+            time.sleep(0.05)
 
     def read_meta(self, step: int) -> dict:
         ocp = self._ocp
