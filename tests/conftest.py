@@ -8,6 +8,7 @@ Inputs a test builds (session-scoped factories, so module fixtures can use them 
   make_model_dir(path, variant, ...)  a model directory (config.yaml + random parameters)
   report_inputs                       known `vnca report` inputs (`ReportInputs`)
   gzip_bomb(path, n_bytes)            a gzip of zeros far larger than itself
+  direct_conv(x, w, padding)          a conv by its definition in float64 (the conv reference)
 Checks: refuses_edited_copies, check_smoke_run.
 """
 
@@ -428,3 +429,25 @@ def report_inputs() -> ReportInputs:
     numbers are its attributes (RUNS, QUALITY, ...), `eval_metrics`, `train_record`,
     `match_report` build single artifacts."""
     return ReportInputs()
+
+
+def _direct_conv(x, w, padding):
+    """Cross-correlation by its definition, in float64: y = sum over (i, j) of the shifted
+    input times the kernel tap (i, j)."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    k = w.shape[0]
+    b, h, wd, _ = x.shape
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    ho, wo = h + 2 * padding - k + 1, wd + 2 * padding - k + 1
+    y = np.zeros((b, ho, wo, w.shape[-1]))
+    for i in range(k):
+        for j in range(k):
+            y += xp[:, i:i + ho, j:j + wo, :] @ w[i, j]
+    return y
+
+
+@pytest.fixture(scope="session")
+def direct_conv():
+    """`direct_conv(x, w, padding)`: a conv (cross-correlation, zero padding) by its
+    definition in float64, the reference for every conv algorithm and precision."""
+    return _direct_conv

@@ -21,21 +21,6 @@ from vnca.models.layers import (
 )
 
 
-def _direct_conv(x, w, padding):
-    """Cross-correlation by its definition, in float64: y = sum over (i, j) of the shifted
-    input times the kernel tap (i, j)."""
-    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
-    k = w.shape[0]
-    b, h, wd, _ = x.shape
-    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    ho, wo = h + 2 * padding - k + 1, wd + 2 * padding - k + 1
-    y = np.zeros((b, ho, wo, w.shape[-1]))
-    for i in range(k):
-        for j in range(k):
-            y += xp[:, i:i + ho, j:j + wo, :] @ w[i, j]
-    return y
-
-
 @pytest.mark.parametrize("hw, tile", [(28, 4), (32, 4), (8, 4), (2, 2), (6, 2), (5, None)])
 def test_winograd_tile_choice(hw, tile):
     assert winograd_tile(hw, hw) == tile
@@ -43,19 +28,19 @@ def test_winograd_tile_choice(hw, tile):
 
 @pytest.mark.parametrize("algorithm", CONV_ALGORITHMS)
 @pytest.mark.parametrize("hw", [28, 32, 2, 6, 5])    # F(4,3), F(4,3), F(2,3), F(2,3), im2col
-def test_conv3x3_equals_direct_sum(algorithm, hw):
+def test_conv3x3_equals_direct_sum(algorithm, hw, direct_conv):
     kx, kw = jax.random.split(jax.random.key(hw))
     x = jax.random.normal(kx, (3, hw, hw, 16))
     w = jax.random.normal(kw, (3, 3, 16, 12)) / 12.0
     got = np.asarray(conv_stride1(x, w, 1, algorithm), np.float64)
-    want = _direct_conv(x, w, 1)
+    want = direct_conv(x, w, 1)
     assert got.shape == want.shape == (3, hw, hw, 12)
     # float32 rounding only: F(4,3)'s transforms (factors up to 8 and 1/24) cost ~1e-6 relative
     np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
 
 
 @pytest.mark.parametrize("hw", [8, 6])                # F(4,3), F(2,3)
-def test_winograd_gradients_equal_direct_conv_gradients(hw):
+def test_winograd_gradients_equal_direct_conv_gradients(hw, direct_conv):
     """The custom VJP against the gradients of the direct sum, worked out by hand."""
     kx, kw, kg = jax.random.split(jax.random.key(1), 3)
     x = jax.random.normal(kx, (2, hw, hw, 6))
@@ -68,7 +53,7 @@ def test_winograd_gradients_equal_direct_conv_gradients(hw):
     gx, gw = jax.grad(loss("winograd"), argnums=(0, 1))(x, w)
     # d/dx of sum(g * conv(x, w)) is the full correlation of g with the flipped kernel; d/dw at
     # tap (i, j) is sum over positions of the shifted input times g.
-    want_gx = _direct_conv(g, np.flip(np.asarray(w), (0, 1)).transpose(0, 1, 3, 2), 1)
+    want_gx = direct_conv(g, np.flip(np.asarray(w), (0, 1)).transpose(0, 1, 3, 2), 1)
     xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
     want_gw = np.stack([np.stack([np.einsum("bhwc,bhwf->cf", xp[:, i:i + hw, j:j + hw], g)
                                   for j in range(3)]) for i in range(3)])

@@ -31,19 +31,6 @@ def _round(a) -> np.ndarray:
     return np.asarray(np.asarray(a, np.float32).astype(ml_dtypes.bfloat16), np.float64)
 
 
-def _direct_conv(x, w, padding):
-    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
-    k = w.shape[0]
-    b, h, wd, _ = x.shape
-    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    ho, wo = h + 2 * padding - k + 1, wd + 2 * padding - k + 1
-    y = np.zeros((b, ho, wo, w.shape[-1]))
-    for i in range(k):
-        for j in range(k):
-            y += xp[:, i:i + ho, j:j + wo, :] @ w[i, j]
-    return y
-
-
 def _max_rel(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.abs(got - want).max() / np.abs(want).max())
@@ -75,7 +62,7 @@ def test_float32_policy_is_the_plain_float32_dot():
 
 @pytest.mark.parametrize("algorithm", CONV_ALGORITHMS)
 @pytest.mark.parametrize("hw", [8, 6, 5])     # F(4,3), F(2,3), im2col
-def test_bf16_conv3x3_against_rounded_float64(algorithm, hw):
+def test_bf16_conv3x3_against_rounded_float64(algorithm, hw, direct_conv):
     """Every algorithm computes the float64 conv of the rounded operands (and its gradients
     with a rounded output gradient) to float32 rounding, Winograd's F(4x4, 3x3) included (its
     transforms run in float32 on the rounded operands)."""
@@ -86,12 +73,12 @@ def test_bf16_conv3x3_against_rounded_float64(algorithm, hw):
     y, vjp = jax.vjp(lambda x, w: conv_stride1(x, w, 1, algorithm, "bf16_operands"), x, w)
     dx, dw = vjp(g)
     xr, wr, gr = _round(x), _round(w), _round(g)
-    want_y = _direct_conv(xr, wr, 1)
-    want_dx = _direct_conv(gr, np.flip(wr, (0, 1)).transpose(0, 1, 3, 2), 1)
+    want_y = direct_conv(xr, wr, 1)
+    want_dx = direct_conv(gr, np.flip(wr, (0, 1)).transpose(0, 1, 3, 2), 1)
     xp = np.pad(xr, ((0, 0), (1, 1), (1, 1), (0, 0)))
     want_dw = np.stack([np.stack([np.einsum("bhwc,bhwf->cf", xp[:, i:i + hw, j:j + hw], gr)
                                   for j in range(3)]) for i in range(3)])
-    exact_y = _direct_conv(x, w, 1)
+    exact_y = direct_conv(x, w, 1)
     rounding = _max_rel(want_y, exact_y)           # what rounding the operands costs
     assert 1e-4 < rounding < 2e-2
     for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw)):
