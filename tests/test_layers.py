@@ -197,3 +197,43 @@ def test_residual_update_equals_flax_convs(algorithm):
     want_g = jax.grad(functools.partial(loss, ref), argnums=(0, 1))(params, s)
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(want_g)):
         np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
+
+
+@pytest.mark.parametrize("n, k, stride, torch_padding, output_padding", [
+    (2, 5, 2, 2, 1), (16, 5, 2, 2, 1),   # the baseline decoder's layers
+    (5, 3, 2, 1, 1), (4, 4, 2, 1, 0), (3, 5, 3, 2, 2),
+])
+def test_transposed_conv_phases_equal_the_dilated_conv(n, k, stride, torch_padding,
+                                                       output_padding, direct_conv):
+    """The s^2 phase convs of the undilated input compute the conv of the dilated input, values
+    and gradients, against the float64 direct sum over the dilated input."""
+    from vnca.models.layers import conv_transpose_phases, dilate
+
+    x = jax.random.normal(jax.random.key(0), (2, n, n, 3))
+    w = jax.random.normal(jax.random.key(1), (k, k, 3, 4))
+    lo = k - 1 - torch_padding
+    out = (n - 1) * stride + 1 + 2 * lo + output_padding - k + 1
+    xd = np.pad(np.asarray(dilate(x, stride), np.float64),
+                ((0, 0), (lo, lo + output_padding), (lo, lo + output_padding), (0, 0)))
+    want = direct_conv(xd, w, 0)
+    got = conv_transpose_phases(x, w, stride, lo, out)
+    assert got.shape == want.shape == (2, out, out, 4)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    g = jax.random.normal(jax.random.key(2), want.shape)
+    grads = jax.grad(lambda x, w: jnp.sum(conv_transpose_phases(x, w, stride, lo, out) * g),
+                     argnums=(0, 1))(x, w)
+    want_grads = jax.grad(lambda x, w: jnp.sum(
+        conv_stride1(jnp.pad(dilate(x, stride), ((0, 0), (lo, lo + output_padding),
+                                                 (lo, lo + output_padding), (0, 0))),
+                     w, 0, "im2col") * g), argnums=(0, 1))(x, w)
+    for a, b in zip(grads, want_grads):
+        np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
+
+
+def test_transposed_conv_phases_decline_unequal_phases():
+    """An output side that is not a multiple of the stride has phases of unequal sizes: the
+    dilated im2col path computes it instead."""
+    from vnca.models.layers import conv_transpose_phases
+
+    x = jnp.ones((1, 4, 4, 2))
+    assert conv_transpose_phases(x, jnp.ones((5, 5, 2, 3)), 2, 2, 7) is None
