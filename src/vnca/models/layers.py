@@ -112,12 +112,6 @@ def matmul(x_NxK: jax.Array, w_KxF: jax.Array, precision: str = "float32") -> ja
     return _matmul_bf16(x_NxK.reshape(-1, k), w_KxF).reshape(*lead, w_KxF.shape[-1])
 
 
-def _operands(x: jax.Array, precision: str) -> jax.Array:
-    """An operand as the policy sees it: rounded to bfloat16 (kept in a float32 array, where a
-    product of two such values is exact) or unchanged."""
-    return x if precision == "float32" else _round(x)
-
-
 def xla_conv(x_BxHxWxC: jax.Array, w_KxKxCxF: jax.Array, stride: int, padding,
              lhs_dilation: int = 1, precision: str = "float32") -> jax.Array:
     """XLA's convolution under the policy. With bfloat16 operands the gradients are autodiff's
@@ -129,17 +123,20 @@ def xla_conv(x_BxHxWxC: jax.Array, w_KxKxCxF: jax.Array, stride: int, padding,
         return jax.lax.conv_general_dilated(
             x, w, (stride, stride), padding, lhs_dilation=(lhs_dilation, lhs_dilation),
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if precision == "float32":
-        return conv_f32(x_BxHxWxC, w_KxKxCxF)
-    return _rounded_operands(conv_f32)(x_BxHxWxC, w_KxKxCxF)
+    return under_policy(conv_f32, precision)(x_BxHxWxC, w_KxKxCxF)
 
 
 def _round(x: jax.Array) -> jax.Array:
     return _bf16(x).astype(x.dtype)
 
 
-def _rounded_operands(f):
-    """f(x, w) with x, w and the output gradient rounded to bfloat16 (values; float32 types)."""
+def under_policy(f, precision: str):
+    """A conv f(x, w) under the policy: unchanged in float32; under bf16_operands with x, w and
+    the output gradient rounded to bfloat16 (values in float32 arrays, where a product of two
+    of them is exact, so float32 arithmetic computes the policy's numbers)."""
+    if precision == "float32":
+        return f
+
     @jax.custom_vjp
     def g(x, w):
         return f(_round(x), _round(w))
@@ -226,9 +223,8 @@ def _output_tiles_transposed(dy_BxHxWxF: jax.Array, m: int) -> jax.Array:
     return dm.reshape((m + 2) ** 2, -1, f)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv3x3_winograd(x_BxHxWxC: jax.Array, w_3x3xCxF: jax.Array, m: int,
-                     precision: str = "float32") -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3_winograd(x_BxHxWxC: jax.Array, w_3x3xCxF: jax.Array, m: int) -> jax.Array:
     """3x3 conv, zero padding 1, stride 1, by Winograd F(m x m, 3 x 3); H and W divisible by m.
 
     The backward pass is Winograd too (a custom VJP; autodiff of the tile slicing would build
@@ -237,19 +233,16 @@ def conv3x3_winograd(x_BxHxWxC: jax.Array, w_3x3xCxF: jax.Array, m: int,
     input tiles and dM the transposed output transform of the output gradient.
     """
     b, h, w, _ = x_BxHxWxC.shape
-    x_BxHxWxC, w_3x3xCxF = _operands(x_BxHxWxC, precision), _operands(w_3x3xCxF, precision)
     prod = jnp.einsum("pnc,pcf->pnf", _input_tiles(x_BxHxWxC, m), _kernel_tiles(w_3x3xCxF, m))
     return _output_tiles(prod, b, h, w, m)
 
 
-def _winograd_fwd(x_BxHxWxC, w_3x3xCxF, m, precision):
-    x_BxHxWxC, w_3x3xCxF = _operands(x_BxHxWxC, precision), _operands(w_3x3xCxF, precision)
+def _winograd_fwd(x_BxHxWxC, w_3x3xCxF, m):
     return conv3x3_winograd(x_BxHxWxC, w_3x3xCxF, m), (x_BxHxWxC, w_3x3xCxF)
 
 
-def _winograd_bwd(m, precision, residuals, dy_BxHxWxF):
-    x_BxHxWxC, w_3x3xCxF = residuals      # rounded under bf16_operands; dy is rounded here
-    dy_BxHxWxF = _operands(dy_BxHxWxF, precision)
+def _winograd_bwd(m, residuals, dy_BxHxWxF):
+    x_BxHxWxC, w_3x3xCxF = residuals
     dx = conv3x3_winograd(dy_BxHxWxF, jnp.flip(w_3x3xCxF, (0, 1)).transpose(0, 1, 3, 2), m)
     du_PxCxF = jnp.einsum("pnc,pnf->pcf", _input_tiles(x_BxHxWxC, m),
                           _output_tiles_transposed(dy_BxHxWxF, m))
@@ -345,7 +338,8 @@ def conv_stride1(x_BxHxWxC: jax.Array, w_KxKxCxF: jax.Array, padding: int,
     if algorithm == "winograd" and k == 3 and padding == 1:
         m = winograd_tile(*x_BxHxWxC.shape[1:3])
         if m is not None:
-            return conv3x3_winograd(x_BxHxWxC, w_KxKxCxF, m, precision)
+            return under_policy(lambda x, w: conv3x3_winograd(x, w, m), precision)(
+                x_BxHxWxC, w_KxKxCxF)
     return conv_im2col(x_BxHxWxC, w_KxKxCxF, padding, precision=precision)
 
 
