@@ -12,10 +12,12 @@ report --help` never imports JAX). A `UserError` becomes one line on stderr and 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 
-from vnca.errors import UserError, environment_problem, quiet_closed_event_loops
+from vnca.errors import (QuietFailedWrites, UserError, environment_problem,
+                         quiet_closed_event_loops)
 
 PROG = "vnca"
 
@@ -152,6 +154,9 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     """Run one subcommand of `parser` (default: the library's) and return the exit status."""
     args = (parser or build_parser()).parse_args(argv)
     sys.unraisablehook = quiet_closed_event_loops(sys.unraisablehook)
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, QuietFailedWrites) for f in asyncio_log.filters):
+        asyncio_log.addFilter(QuietFailedWrites())
     try:
         return args.func(args)
     except UserError as e:

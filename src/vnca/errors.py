@@ -61,3 +61,15 @@ def quiet_closed_event_loops(hook=None):
         hook(u)
 
     return unraisable
+
+
+class QuietFailedWrites:
+    """A `logging` filter for the "asyncio" logger that drops "Task exception was never
+    retrieved" records whose exception is a machine fault: orbax's writer tasks of a failed
+    save (one per array on a full disk), which `Checkpointer.save` already reports in one
+    line. When the tasks are collected is up to the garbage collector, so the filter stays
+    for the whole process; every other record passes."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or environment_problem(exc) is None
