@@ -13,6 +13,7 @@ from kfp import compiler
 
 from vnca import config as vnca_config
 from vnca.errors import UserError
+from vnca.fileio import atomic_path
 from vnca_pipeline.pipeline import build_pipeline
 
 
@@ -33,8 +34,7 @@ def compile_pipeline(
     pipeline_func = build_pipeline(
         target=target, image=image, configs=configs, tier=tier, overrides=overrides
     )
-    tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")  # kfp wants a .yaml name
-    compiler.Compiler().compile(pipeline_func, str(tmp))
-    tmp.replace(output)
+    with atomic_path(output) as tmp:  # keeps the .yaml suffix kfp's compiler wants
+        compiler.Compiler().compile(pipeline_func, str(tmp))
     return output
 

@@ -129,7 +129,7 @@ def test_out_of_range_values_fail_at_load_naming_the_key(override, key):
 
 
 def test_every_int_field_has_a_least_value():
-    ints = [k for k, v in config._leaves(config.Config())
+    ints = [k for k, v in config.flatten(config.to_dict(config.Config())).items()
             if isinstance(v, int) and not isinstance(v, bool)
             or (v is None and k in ("model.eval_steps", "eval.n_images"))]
     assert sorted(set(ints) - set(config.AT_LEAST)) == []

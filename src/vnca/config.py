@@ -451,19 +451,8 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {  # key: (low, high, low i
 }
 
 
-def _leaves(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            out.extend(_leaves(value, f"{prefix}{f.name}."))
-        else:
-            out.append((f"{prefix}{f.name}", value))
-    return out
-
-
 def _check_ranges(cfg: Config) -> None:
-    for key, value in _leaves(cfg):
+    for key, value in flatten(to_dict(cfg)).items():
         if isinstance(value, bool) or value is None:
             continue
         if isinstance(value, int):

@@ -61,9 +61,8 @@ def decode_samples(model: VAE, params: dict, z_KxZ: jax.Array, key: jax.Array,
         return model.decode(params, z_KxZ, key, eval_mode=True)
     if k % chunk:
         raise ValueError(f"K={k} is not a multiple of the sample chunk {chunk}")
-    k_t, k_grow = jax.random.split(key)
-    n_steps = model.sample_n_steps(k_t, eval_mode=True) if model.variant == "nondoubling" \
-        else None
+    drawn, k_grow = model.draw_steps(key, eval_mode=True)
+    n_steps = drawn if model.variant == "nondoubling" else None
     keys_C = jax.random.split(k_grow, k // chunk)
     z_CxJxZ = z_KxZ.reshape(k // chunk, chunk, z_KxZ.shape[-1])
     logits = jax.lax.map(

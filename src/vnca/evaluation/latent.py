@@ -132,9 +132,7 @@ def reconstructions(model: VAE, params: dict, x_NxHxWx1: np.ndarray, key: jax.Ar
 def growth(model: VAE, params: dict, z_BxZ: np.ndarray, key: jax.Array) -> np.ndarray:
     """Logits of every state from the seed to the final image, `SxBxHxW`. The non-doubling
     model takes `model.eval_steps` steps, or a T drawn from its range with this key."""
-    k_t, k_grow = jax.random.split(key)
-    n_steps = None
-    if model.variant == "nondoubling":
-        n_steps = int(model.sample_n_steps(k_t, eval_mode=True).n)
+    drawn, k_grow = model.draw_steps(key, eval_mode=True)
+    n_steps = int(drawn.n) if model.variant == "nondoubling" else None
     fn = jax.jit(lambda p, z, k: model.growth_stages(p, z, k, n_steps=n_steps))
     return np.asarray(fn(params, jnp.asarray(z_BxZ, jnp.float32), k_grow))

@@ -113,6 +113,12 @@ class VAE:
         return DrawnSteps(nca.sample_n_steps(key, c.min_steps, c.max_steps, c.steps_inclusive),
                           c.min_steps)
 
+    def draw_steps(self, key: jax.Array, eval_mode: bool = False) -> tuple[DrawnSteps, jax.Array]:
+        """Split a decoding key: T drawn from its first half (`sample_n_steps`), and the
+        growth key, its second half. Every decoding of the non-doubling model splits this way."""
+        k_t, k_grow = jax.random.split(key)
+        return self.sample_n_steps(k_t, eval_mode), k_grow
+
     def grow(self, params: dict, s_BxHxWxC: jax.Array, key: jax.Array,
              n_steps: int | DrawnSteps, record: bool = False, max_steps: int | None = None):
         """Non-doubling growth: `n_steps` NCA steps from the given state (a static int, or a
@@ -156,10 +162,8 @@ class VAE:
         if self.variant == "doubling":
             s, _ = self._grow_doubling(params, z_BxZ, key, record=False)
             return s
-        k_t, k_grow = jax.random.split(key)
-        if n_steps is None:
-            n_steps = self.sample_n_steps(k_t, eval_mode)
-        return self.grow(params, self.seed(z_BxZ), k_grow, n_steps)
+        drawn, k_grow = self.draw_steps(key, eval_mode)
+        return self.grow(params, self.seed(z_BxZ), k_grow, drawn if n_steps is None else n_steps)
 
     def decode(self, params: dict, z_BxZ: jax.Array, key: jax.Array,
                n_steps: int | DrawnSteps | None = None, eval_mode: bool = False) -> jax.Array:
@@ -186,9 +190,9 @@ class VAE:
             return jnp.concatenate(frames, axis=0)
         if self.variant != "nondoubling":
             raise ValueError("growth stages exist only for the NCA variants")
-        k_t, k_grow = jax.random.split(key)
+        drawn, k_grow = self.draw_steps(key, eval_mode)
         if n_steps is None:
-            n_steps, max_steps = self.sample_n_steps(k_t, eval_mode), None
+            n_steps, max_steps = drawn, None
         else:
             n_steps = max_steps = int(n_steps)
         s0 = self.seed(z_BxZ)
