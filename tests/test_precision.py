@@ -218,3 +218,47 @@ def test_report_names_each_runs_policy(tmp_path, report_inputs):
                    "doubling": "float32 (training), bf16_operands (evaluation)"}
     assert tables.precision_text("bf16_operands", "bf16_operands") == "bf16_operands"
     assert tables.precision_text(None, None) == tables.MISSING
+
+
+# -- where bf16_operands costs time instead of saving it ---------------------------------------
+
+_CPUINFO = "processor\t: {i}\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma{extra}\n\n"
+
+
+@pytest.mark.parametrize("extra, native", [("", False), (" avx512f avx512_bf16", True),
+                                           (" amx_tile amx_bf16", True), (" avx512f", False)])
+def test_bf16_dot_instructions_are_read_from_the_cpu_flags(tmp_path, extra, native):
+    info = tmp_path / "cpuinfo"
+    info.write_text("".join(_CPUINFO.format(i=i, extra=extra) for i in range(2)))
+    from vnca import distributed
+
+    assert distributed.cpu_has_bf16_dots(info) is native
+    line = distributed.precision_warning("bf16_operands", "cpu", info)
+    assert (line is None) == native
+    if line:
+        assert "\n" not in line and "slower than float32" in line and str(info) in line
+    # float32, or an accelerator (bfloat16 units of its own), never warns
+    assert distributed.precision_warning("float32", "cpu", info) is None
+    assert distributed.precision_warning("bf16_operands", "tpu", info) is None
+
+
+def test_unreadable_cpu_flags_do_not_warn(tmp_path):
+    from vnca import distributed
+
+    (tmp_path / "noflags").write_text("processor\t: 0\n")
+    for path in (tmp_path / "missing", tmp_path / "noflags"):
+        assert distributed.cpu_has_bf16_dots(path) is None
+        assert distributed.precision_warning("bf16_operands", "cpu", path) is None
+
+
+def test_training_under_bf16_on_a_cpu_without_bf16_dots_says_so(tmp_path, make_dataset,
+                                                                smoke_cfg, monkeypatch, capsys):
+    from vnca import distributed, train
+
+    monkeypatch.setattr(distributed, "cpu_has_bf16_dots", lambda cpuinfo="": False)
+    data = make_dataset(tmp_path / "data")
+    cfg = smoke_cfg("baseline", "model.precision=bf16_operands", "train.batch_size=4",
+                    "train.val_every=0")
+    train.train_and_evaluate(cfg, data, tmp_path / "run", steps=1)
+    err = capsys.readouterr().err
+    assert "model.precision=bf16_operands on a CPU without bfloat16 dot instructions" in err

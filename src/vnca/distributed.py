@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Mapping
 
@@ -118,3 +119,39 @@ def hardware_string(devices: list | None = None) -> str:
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+# CPU flags (from /proc/cpuinfo) of instructions that multiply bfloat16 pairs natively.
+BF16_DOT_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_bf16_dots(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool | None:
+    """Whether this machine's CPU multiplies bfloat16 natively (one of `BF16_DOT_CPU_FLAGS`
+    among its flags); None where the flags cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return bool(set(flags.split(":", 1)[-1].split()) & set(BF16_DOT_CPU_FLAGS))
+
+
+def precision_warning(precision: str, platform: str,
+                      cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str | None:
+    """One line when `model.precision` will make this run slower rather than faster: bfloat16
+    operands on a CPU without bfloat16 dot instructions, where XLA converts every operand
+    back to float32 (measured 1.5x slower than float32: docs/precision.md); else None."""
+    if precision != "bf16_operands" or platform != "cpu" or cpu_has_bf16_dots(cpuinfo) is not False:
+        return None
+    return ("warning: model.precision=bf16_operands on a CPU without bfloat16 dot instructions "
+            f"(none of {', '.join(BF16_DOT_CPU_FLAGS)} in {cpuinfo}): expect it to be slower "
+            "than float32 here, not faster (docs/precision.md)")
+
+
+def warn_if_slow_precision(precision: str, platform: str) -> None:
+    """Print `precision_warning`'s line on stderr (main process only), if there is one."""
+    line = precision_warning(precision, platform)
+    if line and is_main_process():
+        print(line, file=sys.stderr, flush=True)

@@ -36,7 +36,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from vnca import artifacts, config, contracts, reference, rng
+from vnca import artifacts, config, contracts, distributed, reference, rng
 from vnca.errors import ConfigError, DataError
 from vnca.evaluation import bound, classifier, damage, figures, latent, probe
 from vnca.fileio import atomic_path
@@ -137,6 +137,7 @@ def _open(model_dir, data_dir, out_dir, overrides: list[str], progress: bool) ->
     artifacts.check_out_dir(out_dir)
     cfg, _, params = load_model(model_dir)
     cfg = eval_config(cfg, overrides)
+    distributed.warn_if_slow_precision(cfg.model.precision, jax.default_backend())
     # remat only trades compute for memory in a backward pass; evaluation has none.
     model = build_model(dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, remat=False)))

@@ -216,6 +216,7 @@ def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | 
     distributed.maybe_initialize()
     devices = jax.devices() if devices is None else devices
     cfg = resolve_backend(_with_steps(cfg, steps), devices[0].platform)  # "auto" settled once
+    distributed.warn_if_slow_precision(cfg.model.precision, devices[0].platform)
     check_batch(cfg, len(devices))
     x_train, x_valid = training_images(cfg, data_dir)  # fail on bad data before writing
     if len(x_train) == 0:
