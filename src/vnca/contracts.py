@@ -19,7 +19,8 @@ refused with one line naming the step to rerun; older shapes are not read.
 Field types: `int`, `Count` (>= 0), `Positive` (>= 1), `float` (finite: a writer's NaN is
 written as null, `float | None`), `Real` (any float, NaN included: the training log), `bool`,
 `str`, `Literal[...]`, `X | None` (the key is present, its value may be null), a field that
-defaults to None (an optional section: the key is absent when there is none), `list[X]`,
+defaults to None (an optional section: the key is absent when there is none), a field with
+another default (a key added later: a file written before it reads as the default), `list[X]`,
 `dict[str, X]`, `dict` (any JSON object) and nested contracts.
 """
 
@@ -167,16 +168,16 @@ class Contract:
     @functools.cache
     def _fields(cls) -> tuple:
         hints = typing.get_type_hints(cls, include_extras=True)
-        return tuple((f.metadata.get("key", f.name), f.name, hints[f.name], f.default is None)
-                     for f in dataclasses.fields(cls))
+        return tuple((f.metadata.get("key", f.name), f.name, hints[f.name], f.default is None,
+                      f.default is not dataclasses.MISSING) for f in dataclasses.fields(cls))
 
     @classmethod
     def _from(cls, d: dict, where: str, prefix: str = "") -> Self:
         kwargs = {}
-        for key, attr, tp, optional in cls._fields():
+        for key, attr, tp, _, has_default in cls._fields():
             if key in d:
                 kwargs[attr] = _parse(d[key], tp, where, prefix + key)
-            elif not optional:
+            elif not has_default:
                 raise DataError(f"{where}: missing '{prefix}{key}' ({_describe(tp)})")
         declared = {key for key, *_ in cls._fields()}
         for key in d:
@@ -200,7 +201,7 @@ class Contract:
 
     def to_dict(self) -> dict:
         """The JSON object (without `version`): optional sections that are None are left out."""
-        return {key: _dump(getattr(self, attr)) for key, attr, _, optional in self._fields()
+        return {key: _dump(getattr(self, attr)) for key, attr, _, optional, _ in self._fields()
                 if not (optional and getattr(self, attr) is None)}
 
 
@@ -393,6 +394,9 @@ class TrainSummary(Artifact):
     train_split: Literal["train", "train+valid"]
     resumed_from_step: Count
     commit: str | None = None  # the code's git commit (`vnca.provenance`), when known
+    # The precision policy of training's arithmetic (`model.precision`, also in config.yaml);
+    # summaries written before the policy existed trained in float32.
+    precision: Literal["float32", "bf16_operands"] = "float32"
 
 
 @contract

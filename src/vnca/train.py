@@ -282,7 +282,7 @@ def _train(cfg: Config, x_train: np.ndarray, x_valid: np.ndarray, out: Path, dev
         n_processes=jax.process_count(), smoke=cfg.smoke, tier=cfg.tier,
         param_count=count_params(abstract["params"]), final_loss=loop.final_loss,
         batch_size=cfg.train.batch_size, train_split=cfg.train.train_split,
-        resumed_from_step=start, commit=source_commit())
+        resumed_from_step=start, commit=source_commit(), precision=cfg.model.precision)
     if main:
         _write_model(out, state["params"], summary)
     return summary.to_dict()
