@@ -97,9 +97,10 @@ def test_the_writer_checks_before_writing(tmp_path):
 
 
 def test_the_train_summary_names_its_precision_and_older_ones_read_as_float32(tmp_path):
-    d = dict(variant="baseline", name="baseline", steps=3, wall_time_s=1.5, hardware="1 x cpu",
-             n_devices=1, n_processes=1, smoke=True, tier="smoke", param_count=10,
-             final_loss=1.0, batch_size=8, train_split="train", resumed_from_step=0)
+    d = {"variant": "baseline", "name": "baseline", "steps": 3, "wall_time_s": 1.5,
+         "hardware": "1 x cpu", "n_devices": 1, "n_processes": 1, "smoke": True, "tier": "smoke",
+         "param_count": 10, "final_loss": 1.0, "batch_size": 8, "train_split": "train",
+         "resumed_from_step": 0}
     path = tmp_path / "summary.json"
     path.write_text(json.dumps({"version": 1, **d}))  # written before the policy existed
     assert contracts.TrainSummary.read(path).precision == "float32"

@@ -16,8 +16,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from vnca.errors import (QuietFailedWrites, UserError, environment_problem,
-                         quiet_closed_event_loops)
+from vnca.errors import QuietFailedWrites, UserError, environment_problem, quiet_closed_event_loops
 
 PROG = "vnca"
 
