@@ -163,6 +163,34 @@ def test_remat_does_not_change_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("algorithm", ["winograd", "xla"])
+def test_remat_keeps_the_tower_outputs_and_recomputes_only_the_rest(monkeypatch, algorithm):
+    """`nca.REMAT_POLICY`: the backward pass of a checkpointed NCA step recomputes everything
+    but the residual tower's 1x1 dots, i.e. saving nothing would cost exactly those dots'
+    forward FLOPs more, counted here by hand (the last 1x1 conv's output is never needed by
+    the backward pass, so neither recomputes it)."""
+    from vnca.plan import count_flops
+
+    model = _model("doubling", f"model.conv_algorithm={algorithm}", smoke=True)
+    params = model.init(jax.random.key(0))
+    b = 2
+    x = jnp.zeros((b, 32, 32, 1))
+
+    def grad_flops(m):
+        g = jax.grad(lambda p: -m.forward(p, x, jax.random.key(3))["elbo"].mean())
+        return count_flops(jax.make_jaxpr(g)(params))
+
+    c = model.cfg
+    kept = grad_flops(model)
+    saved_all = grad_flops(dataclasses.replace(model, cfg=dataclasses.replace(c, remat=False)))
+    monkeypatch.setattr(nca, "REMAT_POLICY", None)  # jax.checkpoint's default: keep nothing
+    kept_nothing = grad_flops(model)
+    cells = sum(4 ** s for s in range(1, c.n_doublings + 1)) * c.steps_per_stage
+    tower = 2 * b * cells * 2 * c.n_residual_blocks * c.nca_hidden ** 2
+    assert kept_nothing - kept == tower
+    assert kept > saved_all  # the 3x3 conv is still recomputed
+
+
 def test_doubling_growth_stages_end_at_the_decoded_image():
     model = _model("doubling", smoke=True)
     params = _perturbed(model.init(jax.random.key(0)), jax.random.key(1), 0.02)

@@ -24,6 +24,7 @@ import yaml
 from vnca.errors import ConfigError
 
 Variant = Literal["baseline", "doubling", "nondoubling"]
+Precision = Literal["float32", "bf16_operands"]  # model.precision (models.layers.PRECISIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +82,7 @@ class ModelConfig:
     # products accumulated in float32, forward and backward; parameters, optimizer state, NCA
     # state and losses stay float32. A TPU computes the latter for float32 at JAX's default
     # precision (so R's runs did); docs/precision.md has the drift measured against float64.
-    precision: Literal["float32", "bf16_operands"] = "float32"
+    precision: Precision = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self, Union
 
 from vnca import artifacts
-from vnca.config import Variant
+from vnca.config import Precision, Variant
 from vnca.errors import DataError
 from vnca.fileio import write_atomic
 
@@ -396,7 +396,7 @@ class TrainSummary(Artifact):
     commit: str | None = None  # the code's git commit (`vnca.provenance`), when known
     # The precision policy of training's arithmetic (`model.precision`, also in config.yaml);
     # summaries written before the policy existed trained in float32.
-    precision: Literal["float32", "bf16_operands"] = "float32"
+    precision: Precision = "float32"
 
 
 @contract
@@ -606,7 +606,7 @@ class EvalMetrics(Artifact):
     eval_steps: Count | None
     # The precision policy of the evaluation's arithmetic (`model.precision`); files written
     # before the policy existed computed in float32.
-    precision: Literal["float32", "bf16_operands"] = "float32"
+    precision: Precision = "float32"
     iwelbo: IwBound
     untrained: Untrained | None = None
     classifier: ClassifierInfo

@@ -142,7 +142,7 @@ def precision_warning(precision: str, platform: str,
                       cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str | None:
     """One line when `model.precision` will make this run slower rather than faster: bfloat16
     operands on a CPU without bfloat16 dot instructions, where XLA converts every operand
-    back to float32 (measured 1.5x slower than float32: docs/precision.md); else None."""
+    back to float32 (the doubling step measured 1.4x slower: docs/precision.md); else None."""
     if precision != "bf16_operands" or platform != "cpu" or cpu_has_bf16_dots(cpuinfo) is not False:
         return None
     return ("warning: model.precision=bf16_operands on a CPU without bfloat16 dot instructions "

@@ -47,14 +47,17 @@ from __future__ import annotations
 
 import functools
 import math
+import typing
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vnca.config import Precision
+
 CONV_ALGORITHMS = ("winograd", "im2col", "xla")
-PRECISIONS = ("float32", "bf16_operands")
+PRECISIONS = typing.get_args(Precision)  # ("float32", "bf16_operands")
 # What `model.conv_algorithm: auto` means on each JAX platform: today's matmul paths where
 # they were measured fastest (the CPU), the backend's own convolutions everywhere else (TPU
 # and GPU compilers tile convs for their matrix units; Winograd's transforms with factors up to

@@ -9,11 +9,11 @@ Sobel perception, alive mask or clipping: the update network sees the 3x3 neighb
 its first conv (zero padding at the border).
 
 The growth loop is a fixed-length `lax.scan` with `jax.checkpoint` on the step (trap T8), which
-keeps the 1x1 convs' outputs (`REMAT_POLICY`). The
-non-doubling model draws a step count T per batch; the scan always runs `max_steps` slots and
-slots t >= T leave the state unchanged (a `lax.cond` that skips the update's compute), so T is a
-traced value and one compiled program serves every T; the first `min_steps` slots, active for
-every T in the range, run without the cond.
+keeps the 1x1 convs' outputs (`REMAT_POLICY`). The non-doubling model draws a step count T per
+batch; the scan always runs `max_steps` slots and slots t >= T leave the state unchanged (a
+`lax.cond` that skips the update's compute), so T is a traced value and one compiled program
+serves every T; the first `min_steps` slots, active for every T in the range, run without the
+cond.
 """
 
 from __future__ import annotations
