@@ -24,15 +24,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("baseline", "doubling", "nondoubling")
 
 
 def _config(variant: str, tiny: bool):
-    from vnca import config
+    from vnca import config, configs
     from vnca.models.vae import resolve_backend
 
-    files = [ROOT / "configs" / f"{variant}.yaml"] + ([ROOT / "configs/smoke.yaml"] if tiny else [])
+    files = [configs.path(f"{variant}.yaml")] + ([configs.path("smoke.yaml")] if tiny else [])
     cfg = resolve_backend(config.load(files), jax.devices()[0].platform)
     n_dev = len(jax.devices())  # the batch must divide over the devices
     b = max(cfg.train.batch_size - cfg.train.batch_size % n_dev, n_dev)

@@ -28,17 +28,15 @@ import dataclasses
 import math
 import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vnca import config
+from vnca import config, configs
 from vnca.evaluation import bound
 from vnca.models import build_model, count_params
 
-ROOT = Path(__file__).resolve().parents[1]
 # R's time for 8 images in issue 17's run (float32 matmul at 145-166 GFLOP/s); an earlier
 # session measured 276 s at 274-299. Compare at the matmul rate printed beside each figure.
 REPRODUCTION_S_PER_8 = 376.0
@@ -138,7 +136,7 @@ def main() -> None:
         use_dot_for_1x1()
     chunk = bound.sample_chunk(args.k) if args.chunk < 0 else (args.chunk or None)
 
-    cfg = config.load([ROOT / "configs" / "doubling.yaml"])
+    cfg = config.load([configs.path("doubling.yaml")])
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=False,
                                                               precision=args.precision))
     model = build_model(cfg)

@@ -127,7 +127,7 @@ def run_one(variant: str, batch: int, steps: int, warmup: int, remat: str, nd_st
     import jax
     import numpy as np
 
-    from vnca import config, distributed, train
+    from vnca import config, configs, distributed, train
     from vnca.models import build_model
 
     overrides = [f"train.batch_size={batch}"] + extra
@@ -136,9 +136,9 @@ def run_one(variant: str, batch: int, steps: int, warmup: int, remat: str, nd_st
     if variant == "nondoubling" and nd_steps > 0:
         overrides += [f"model.min_steps={nd_steps}", f"model.max_steps={nd_steps}",
                       "model.steps_inclusive=true"]
-    files = [ROOT / "configs" / f"{variant}.yaml"]
+    files = [configs.path(f"{variant}.yaml")]
     if tier != "paper":  # the tier's overlay (its widths and step counts; batch from --batch)
-        files.append(ROOT / "configs" / tier / f"{variant}.yaml")
+        files.append(configs.path(f"{tier}/{variant}.yaml"))
     cfg = config.load(files, overrides)
     model = build_model(cfg)
     mesh = distributed.make_mesh()

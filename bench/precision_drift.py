@@ -44,13 +44,12 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
 import numpy as np
 
-from vnca import config, losses
+from vnca import config, configs, losses
 from vnca.data import pad_images
 from vnca.models import build_model
 from vnca.models.layers import CONV_ALGORITHMS, PRECISIONS
 from vnca.models.model_io import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
 ROLLOUT = {"doubling": 40, "nondoubling": 64}
 
 
@@ -143,7 +142,7 @@ def _inputs(args, variant):
     if args.paper_size:
         from bench_iwelbo import random_params
 
-        cfg = config.load([ROOT / "configs" / f"{variant}.yaml"], ["model.remat=false"])
+        cfg = config.load([configs.path(f"{variant}.yaml")], ["model.remat=false"])
         params = random_params(build_model(cfg))
         rng = np.random.default_rng(0)
         x28 = (rng.random((args.images, 28, 28)) > 0.8).astype(np.uint8)

@@ -8,13 +8,16 @@ inputs here and a new line in the pipeline.
 
 Outputs: `report_dir` (report.html, report.md and its figures, as `vnca report` writes them),
 `report_html` (a copy of the self-contained report.html as an HTML artifact, which the Vertex AI
-console renders) and `bounds` (Metrics: every variant's IW bound, shown together in the
-console; they are also on each evaluate step, but GCPC's custom-job wrapper, which runs
-evaluation on Vertex AI, is known to drop output-artifact metadata: kubeflow/pipelines#7234).
+console renders), `report_md` (report.md as a Markdown artifact, which the console renders too:
+its text and tables; the console shows that one file, so each figure link, relative to
+report_dir, becomes a note that the figure is in report_html) and `bounds` (Metrics: every
+variant's IW bound, shown together in the console; they are also on each evaluate step, but
+GCPC's custom-job wrapper, which runs evaluation on Vertex AI, is known to drop output-artifact
+metadata: kubeflow/pipelines#7234). The bounds are read through `vnca.contracts.EvalMetrics`.
 """
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from vnca_pipeline.components.images import CPU_IMAGE
 
@@ -30,11 +33,14 @@ def report(
     model_nondoubling: Input[Model],
     report_dir: Output[Artifact],
     report_html: Output[HTML],
+    report_md: Output[Markdown],
     bounds: Output[Metrics],
 ):
     """Build report.html / report.md over the variants baseline, doubling, nondoubling."""
     import os
+    import re
     import shutil
+    from pathlib import Path
 
     from vnca import artifacts, contracts
     from vnca.report import build_report
@@ -44,6 +50,10 @@ def report(
     html = build_report(eval_dirs=list(evals.values()), train_dirs=models, data_dir=data.path,
                         out_dir=report_dir.path)
     shutil.copyfile(html, report_html.path)
+    md = Path(report_dir.path, artifacts.REPORT_MD).read_text(encoding="utf-8")
+    Path(report_md.path).write_text(re.sub(r"!\[[^\]]*\]\((figures/[^)]*)\)",
+                                           r"*(in report_html; report_dir/\1)*", md),
+                                    encoding="utf-8")
     for name, eval_dir in evals.items():
         metrics = contracts.EvalMetrics.read(os.path.join(eval_dir, artifacts.EVAL_METRICS))
         bounds.log_metric(f"{name}_iwelbo_nats", metrics.iwelbo.mean_nats)
@@ -56,11 +66,14 @@ def report_one_variant(
     model: Input[Model],
     report_dir: Output[Artifact],
     report_html: Output[HTML],
+    report_md: Output[Markdown],
     bounds: Output[Metrics],
 ):
     """Build report.html / report.md over one variant."""
     import os
+    import re
     import shutil
+    from pathlib import Path
 
     from vnca import artifacts, contracts
     from vnca.report import build_report
@@ -68,5 +81,9 @@ def report_one_variant(
     html = build_report(eval_dirs=[evaluation.path], train_dirs=[model.path], data_dir=data.path,
                         out_dir=report_dir.path)
     shutil.copyfile(html, report_html.path)
+    md = Path(report_dir.path, artifacts.REPORT_MD).read_text(encoding="utf-8")
+    Path(report_md.path).write_text(re.sub(r"!\[[^\]]*\]\((figures/[^)]*)\)",
+                                           r"*(in report_html; report_dir/\1)*", md),
+                                    encoding="utf-8")
     metrics = contracts.EvalMetrics.read(os.path.join(evaluation.path, artifacts.EVAL_METRICS))
     bounds.log_metric(f"{metrics.name}_iwelbo_nats", metrics.iwelbo.mean_nats)

@@ -46,7 +46,7 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     report = run_local(
         configs=args.config, root=args.root, runner=args.runner, tier=tier,
         data_source=args.data_source, raw_dir=args.raw_dir, image=args.image,
-        overrides=args.overrides, verbose=args.verbose,
+        overrides=args.overrides, verbose=args.verbose, cache=not args.no_cache,
     )
     print(f"\npipeline finished; report: {report}")
     return 0
@@ -72,7 +72,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         project=args.project, region=args.region, pipeline_root=args.pipeline_root,
         service_account=args.service_account, target=args.target, image=args.image,
         configs=args.config, dry_run=args.dry_run, tier="smoke" if args.smoke else "paper",
-        overrides=args.overrides,
+        overrides=args.overrides, tensorboard=args.tensorboard, experiment=args.experiment,
+        cache=not args.no_cache,
     )
     return 0
 
@@ -116,6 +117,9 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
                    help="override a config value in every variant, e.g. --set train.steps=5")
     p.add_argument("--image", help="with --runner docker: image for every step "
                    "(default: the CPU image named in components/images.py)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="reuse nothing from earlier runs: no compiled programs from ROOT/"
+                   ".jax-cache either (step outputs are never reused locally)")
     p.set_defaults(func=cmd_run_local)
 
     p = sub.add_parser("plan", help="what each variant's run will cost: FLOPs, memory, "
@@ -151,6 +155,14 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smoke", action="store_true",
                    help="layer configs/smoke.yaml on the configs and use the bundled data sample "
                    "(a cheap end-to-end check of the Vertex AI setup)")
+    p.add_argument("--tensorboard", metavar="RESOURCE",
+                   help="stream each train step's TensorBoard logs to this Vertex AI TensorBoard "
+                   "(projects/P/locations/REGION/tensorboards/ID, in --region)")
+    p.add_argument("--experiment", metavar="NAME",
+                   help="add the run to this Vertex AI experiment (created if missing)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="run every step, even prepare-data, whose outputs Vertex AI would "
+                   "otherwise reuse from an earlier run with the same inputs")
     p.add_argument("--dry-run", action="store_true",
                    help="print the job's parameters and machine specs; contact nothing")
     p.set_defaults(func=cmd_submit)

@@ -24,15 +24,20 @@ def compile_pipeline(
     configs: Sequence[str | Path | vnca_config.Config] | None = None,
     tier: str = "paper",
     overrides: Sequence[str] = (),
+    tensorboard: str = "",
+    tensorboard_dir: str = "",
 ) -> Path:
-    """Write the compiled pipeline for `target` to `output`; return its path."""
+    """Write the compiled pipeline for `target` to `output`; return its path. `tensorboard`
+    and `tensorboard_dir` (`vnca submit --tensorboard`) make each train custom job stream its
+    event files, written under `tensorboard_dir`, to that Vertex AI TensorBoard."""
     output = Path(output)
     if output.suffix not in (".yaml", ".yml"):
         raise UserError(f"{output}: the compiled pipeline must be a .yaml file")
     if not output.parent.is_dir():
         raise UserError(f"{output.parent}: directory not found")
     pipeline_func = build_pipeline(
-        target=target, image=image, configs=configs, tier=tier, overrides=overrides
+        target=target, image=image, configs=configs, tier=tier, overrides=overrides,
+        tensorboard=tensorboard, tensorboard_dir=tensorboard_dir,
     )
     with atomic_path(output) as tmp:  # keeps the .yaml suffix kfp's compiler wants
         compiler.Compiler().compile(pipeline_func, str(tmp))

@@ -59,7 +59,7 @@ STEP_OUTPUTS = {
                      f"model/{artifacts.RESOLVED_CONFIG}"),
     "evaluate-{name}": (f"evaluation/{artifacts.EVAL_METRICS}",),
     "report": (f"report_dir/{artifacts.REPORT_HTML}", f"report_dir/{artifacts.REPORT_MD}",
-               "report_html"),
+               "report_html", "report_md"),
 }
 # A step's own error in its log: the last line of a Python traceback ("vnca.errors.DataError:
 # msg") or a CLI's "error: msg" line.
@@ -243,6 +243,7 @@ def run_local(
     image: str | None = None,
     overrides: Sequence[str] = (),
     verbose: bool = False,
+    cache: bool = True,
 ) -> Path:
     """Run prepare-data, train and evaluate per variant, and the report; return report.html.
 
@@ -270,8 +271,12 @@ def run_local(
     )
     names = [v.name for v in load_variants(configs, tier, overrides)]
     # Every step's process (a child of this one, or a container) gets the cache settings.
-    cache_env = {"JAX_COMPILATION_CACHE_DIR": str(root / JAX_CACHE),
-                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    # Step outputs are never reused (kfp.local's own cache stays off, below: each run is a
+    # folder of its own, which the checks after the run read); `cache=False` (--no-cache)
+    # also keeps the steps from reading or writing compiled programs in ROOT/.jax-cache.
+    cache_env = ({"JAX_COMPILATION_CACHE_DIR": str(root / JAX_CACHE),
+                  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"} if cache
+                 else {"JAX_ENABLE_COMPILATION_CACHE": "false"})
     # Containers see the root; a raw-data folder elsewhere is mounted too (read-only).
     mounts = [raw_dir] if data_source == "raw" and not raw_dir.is_relative_to(root) else []
     kfp_runner = _runner(runner, mounts=mounts, environment=cache_env)
@@ -291,6 +296,8 @@ def run_local(
     t_start = time.perf_counter()
     print(f"vnca run-local: {tier} tier, {data_source} data, runner {runner}; "
           f"full log in {log_path}", file=terminal, flush=True)
+    print(f"watch training: tensorboard --logdir {root}  (pip install tensorboard)",
+          file=terminal, flush=True)
     with open(log_path, "w") as log, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kfp's image-name and deprecation warnings
         console = StepConsole(terminal, log, verbose)
@@ -322,6 +329,8 @@ def run_local(
     shutil.copyfile(log_path, run_dir / "run.log")
     log_path.unlink()
     print_summary(terminal, run_dir, console.times, time.perf_counter() - t_start)
+    print(f"\nTensorBoard event files: {run_dir}/train-*/model/events.out.tfevents.*",
+          file=terminal)
     return report
 
 
@@ -356,7 +365,7 @@ def print_summary(out, run_dir: Path, times: list, total_s: float) -> None:
         print(f"  {'variant':<14} {'IW bound (nats)':>18} {'untrained':>10} "
               f"{'recon. accuracy':>16}", file=out)
         for name, k, mean, se, untrained, acc, clf in rows:
-            bound = f"{mean:.1f} ± {se:.1f}" if mean is not None and se is not None else "—"
+            bound = "—" if mean is None else f"{mean:.1f}" + ("" if se is None else f" ± {se:.1f}")
             print(f"  {name:<14} {bound:>18} {_num(untrained, '.1f'):>10} "
                   f"{_num(acc, '.1%'):>16}", file=out)
         clf = next((r[6] for r in rows if r[6] is not None), None)

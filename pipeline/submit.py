@@ -8,10 +8,23 @@ application-default login`, or a service-account key in GOOGLE_APPLICATION_CREDE
 project (`--project`, or the credentials' own). The job runs as `--service-account` (which
 needs read/write access to the pipeline root's bucket and permission to run Vertex AI custom
 jobs), or the Compute Engine default service account without it.
+
+`submit()` talks to Google Cloud only through the Vertex AI SDK and keeps what the SDK was
+already given: a program that called `aiplatform.init(credentials=..., api_endpoint=...,
+api_transport=...)` first submits with those credentials to that endpoint, and no Application
+Default Credentials are looked up (tests/test_submit_vertex.py does so against a fake Vertex AI
+on 127.0.0.1). The `vnca` command sets none of them.
+
+`--tensorboard` and `--experiment` hand the run to Vertex AI TensorBoard (each train custom job
+streams the event files it writes under `AIP_TENSORBOARD_LOG_DIR`) and Vertex AI Experiments
+(the run is added to the experiment, which is created if missing). `--no-cache` makes every
+step run even where Vertex AI could reuse an earlier run's outputs (only prepare-data can).
 """
 
 from __future__ import annotations
 
+import datetime
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +39,10 @@ from vnca_pipeline.pipeline import PIPELINE_NAME
 
 # Vertex AI runs a step without a machine spec as a CustomJob on this machine.
 VERTEX_DEFAULT_MACHINE = "e2-standard-4"
+# A Vertex AI TensorBoard's resource name, and an experiment's name (a Vertex ML Metadata
+# context id: 4 to 128 characters of a-z, 0-9 and "-").
+TENSORBOARD_NAME = re.compile(r"^projects/([^/]+)/locations/([^/]+)/tensorboards/([^/]+)$")
+EXPERIMENT_NAME = re.compile(r"^[a-z0-9-]{4,128}$")
 
 
 def parameter_values(spec: dict) -> dict:
@@ -70,6 +87,13 @@ def step_machines(spec: dict) -> dict[str, str]:
     return out
 
 
+def step_caching(spec: dict) -> dict[str, bool]:
+    """Task name -> whether Vertex AI may reuse an earlier run's outputs for it."""
+    tasks = spec["root"]["dag"]["tasks"]
+    return {name: bool(task.get("cachingOptions", {}).get("enableCache", False))
+            for name, task in _in_run_order(tasks)}
+
+
 def _in_run_order(tasks: dict) -> list[tuple[str, dict]]:
     """Tasks sorted by their depth in the DAG, then by name (prepare, train, evaluate, report)."""
     depth: dict[str, int] = {}
@@ -83,25 +107,59 @@ def _in_run_order(tasks: dict) -> list[tuple[str, dict]]:
     return sorted(tasks.items(), key=lambda item: (depth_of(item[0]), item[0]))
 
 
-def _credentials_project(project: str | None) -> str:
-    """Find Application Default Credentials and the project to use; UserError if either lacks."""
-    import google.auth
-    from google.auth.exceptions import DefaultCredentialsError
+def check_tensorboard(tensorboard: str, region: str) -> None:
+    """UserError unless `tensorboard` names a Vertex AI TensorBoard in `region`."""
+    match = TENSORBOARD_NAME.match(tensorboard)
+    if not match:
+        raise UserError(f"--tensorboard {tensorboard}: expected a resource name "
+                        "projects/PROJECT/locations/REGION/tensorboards/ID")
+    if match.group(2) != region:
+        raise UserError(f"--tensorboard {tensorboard}: the TensorBoard is in {match.group(2)}, "
+                        f"the job in --region {region}; Vertex AI needs both in one region")
 
-    try:
-        _, found_project = google.auth.default(
-            scopes=["https://www.googleapis.com/auth/cloud-platform"]
-        )
-    except DefaultCredentialsError:
-        raise UserError(
-            "no Google Cloud credentials found: run `gcloud auth application-default login` "
-            "or set GOOGLE_APPLICATION_CREDENTIALS (or use --dry-run)"
-        ) from None
-    project = project or found_project
+
+def check_experiment(experiment: str) -> None:
+    """UserError unless `experiment` can name a Vertex AI experiment."""
+    if not EXPERIMENT_NAME.match(experiment):
+        raise UserError(f"--experiment {experiment}: an experiment name is 4 to 128 characters "
+                        "of a-z, 0-9 and '-'")
+
+
+def new_job_id(now: datetime.datetime | None = None) -> str:
+    """A pipeline job id for a run submitted now: vnca-YYYYMMDD-HHMMSS-micros."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    return f"{PIPELINE_NAME}-{now:%Y%m%d-%H%M%S-%f}"
+
+
+def _connect(project: str | None, region: str) -> str:
+    """Point the Vertex AI SDK at `project` (or the credentials' own) and `region` and make sure
+    it has credentials: those aiplatform.init() was given, else Application Default
+    Credentials. Return the project; UserError if it or the credentials are missing."""
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError, GoogleAuthError
+    from google.cloud import aiplatform
+    from google.cloud.aiplatform import initializer
+
+    no_credentials = UserError(
+        "no Google Cloud credentials found: run `gcloud auth application-default login` "
+        "or set GOOGLE_APPLICATION_CREDENTIALS (or use --dry-run)")
     if not project:
-        raise UserError(
-            "no Google Cloud project: pass --project PROJECT (or set GOOGLE_CLOUD_PROJECT)"
-        )
+        try:
+            _, project = google.auth.default(
+                scopes=["https://www.googleapis.com/auth/cloud-platform"])
+        except DefaultCredentialsError:
+            raise no_credentials from None
+        if not project:
+            raise UserError(
+                "no Google Cloud project: pass --project PROJECT (or set GOOGLE_CLOUD_PROJECT)")
+    try:
+        aiplatform.init(project=project, location=region)
+    except ValueError as e:  # the SDK's list of regions does not have it
+        raise UserError(f"--region {region}: {str(e).splitlines()[0]}") from None
+    try:
+        initializer.global_config.credentials  # noqa: B018 - ADC unless init() was given some
+    except GoogleAuthError:
+        raise no_credentials from None
     return project
 
 
@@ -116,8 +174,16 @@ def submit(
     dry_run: bool = False,
     tier: str = "paper",
     overrides: Sequence[str] = (),
+    tensorboard: str | None = None,
+    experiment: str | None = None,
+    cache: bool = True,
 ) -> str | None:
-    """Compile for `target` and submit; return the job's resource name (None for a dry run)."""
+    """Compile for `target` and submit; return the job's resource name (None for a dry run).
+
+    `tensorboard`: a Vertex AI TensorBoard (projects/P/locations/REGION/tensorboards/ID) that
+    each train step streams its event files to; they are written under
+    `PIPELINE_ROOT/JOB_ID/tensorboard/train-<variant>/logs/`. `experiment`: the Vertex AI
+    experiment the run joins. `cache=False`: no step reuses an earlier run's outputs."""
     if target not in ("vertex-tpu", "vertex-gpu"):
         raise UserError(f"--target {target}: submit takes vertex-tpu or vertex-gpu")
     if not storage.is_gcs_url(pipeline_root):
@@ -125,48 +191,83 @@ def submit(
     storage.split_url(pipeline_root)
     if not region:
         raise UserError("--region is empty; pass a Vertex AI region such as us-central1")
+    if tensorboard:
+        check_tensorboard(tensorboard, region)
+    if experiment:
+        check_experiment(experiment)
+    job_id = new_job_id()
+    tensorboard_dir = f"{pipeline_root.rstrip('/')}/{job_id}/tensorboard" if tensorboard else ""
 
     with tempfile.TemporaryDirectory(prefix="vnca-submit-") as tmp:
         template = compile_pipeline(
             Path(tmp) / "pipeline.yaml", target=target, image=image, configs=configs,
-            tier=tier, overrides=overrides,
+            tier=tier, overrides=overrides, tensorboard=tensorboard or "",
+            tensorboard_dir=tensorboard_dir,
         )
         spec = yaml.safe_load(template.read_text())
         params = parameter_values(spec)
         if dry_run:
-            _print_dry_run(spec, params, project, region, pipeline_root, service_account, target)
+            _print_dry_run(spec, params, project, region, pipeline_root, service_account, target,
+                           job_id, tensorboard, experiment, cache)
             return None
 
-        project = _credentials_project(project)
+        project = _connect(project, region)
         from google.api_core import exceptions as api_exceptions
         from google.cloud import aiplatform
 
+        job = aiplatform.PipelineJob(
+            display_name=PIPELINE_NAME, template_path=str(template), job_id=job_id,
+            pipeline_root=pipeline_root, parameter_values=params,
+            project=project, location=region,
+            labels={"app": "vnca", "target": target},
+            enable_caching=None if cache else False,  # None: each step's compiled setting
+        )
         try:
-            aiplatform.init(project=project, location=region)
-            job = aiplatform.PipelineJob(
-                display_name=PIPELINE_NAME, template_path=str(template),
-                pipeline_root=pipeline_root, parameter_values=params,
-                project=project, location=region,
-                labels={"app": "vnca", "target": target},
-            )
-            job.submit(service_account=service_account)
+            job.submit(service_account=service_account, experiment=experiment or None)
         except api_exceptions.GoogleAPICallError as e:
-            message = " ".join(str(e).split())
-            raise UserError(f"Vertex AI refused the job: {message}") from None
+            raise UserError(f"Vertex AI refused the job: {_one_line(e)}") from None
+        except RuntimeError as e:  # the SDK wraps the experiment's errors in RuntimeError
+            if not experiment:
+                raise
+            cause = _one_line(e.__cause__ or e)
+            try:
+                created = job.resource_name  # set once Vertex AI has created the job
+            except RuntimeError:
+                created = ""
+            if created:
+                raise UserError(f"submitted {created}, but it could not be added to experiment "
+                                f"{experiment}: {cause}") from None
+            raise UserError(f"--experiment {experiment}: {cause}") from None
     print(f"submitted {job.resource_name}")
     print(f"console: https://console.cloud.google.com/vertex-ai/locations/{region}/pipelines/"
           f"runs/{job.name}?project={project}")
+    if experiment:
+        print(f"experiment: {experiment}")
+    if tensorboard:
+        print(f"tensorboard: {tensorboard} (event files under {tensorboard_dir}/)")
     return job.resource_name
 
 
-def _print_dry_run(spec, params, project, region, pipeline_root, service_account, target):
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _print_dry_run(spec, params, project, region, pipeline_root, service_account, target,
+                   job_id, tensorboard, experiment, cache):
     print("dry run: compiled the pipeline; nothing was sent to Google Cloud")
     print(f"pipeline: {spec['pipelineInfo']['name']}, target {target}, compiled by "
           f"{spec['sdkVersion']}")
+    print(f"job id: {job_id}")
     print(f"project: {project or '(from the credentials at submit time)'}")
     print(f"region: {region}")
     print(f"pipeline root: {pipeline_root}")
     print(f"service account: {service_account or '(Compute Engine default)'}")
+    print(f"tensorboard: {tensorboard or '(none)'}")
+    print(f"experiment: {experiment or '(none)'}")
+    cached = [name for name, cached in step_caching(spec).items() if cached]
+    print("cache: " + ("off for every step (--no-cache)" if not cache else
+                       f"steps that may reuse an earlier run's outputs: {', '.join(cached)}"
+                       if cached else "no step reuses an earlier run's outputs"))
     print("parameters:")
     for name, value in params.items():
         print(f"  {name}: {json_like(value)}")

@@ -3,7 +3,9 @@
 A variant is one config file (default: configs/baseline.yaml, doubling.yaml, nondoubling.yaml)
 with its tier's overlay on top and the `--set key=value` overrides applied; its `name` names
 its steps (train-doubling, ...) and its pipeline parameter (config_doubling). `vnca plan`
-reads variants too, without building a pipeline.
+reads variants too, without building a pipeline. The default configs and the overlays are the
+ones installed with vnca (`vnca.configs`, the checkout's configs/ folder as package data), so
+any installed copy finds them; a config file the user names is read from where it is.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from pathlib import Path
 import yaml
 
 from vnca import config as vnca_config
+from vnca import configs
 from vnca.errors import ConfigError, UserError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+# The folder of the configs installed with vnca (the checkout's configs/ when installed
+# editable; site-packages/vnca/configs otherwise).
+CONFIG_DIR = configs.directory()
 # The pipeline's variants, in the order its steps and the report list them.
 DEFAULT_VARIANTS = ("baseline", "doubling", "nondoubling")
-SMOKE_CONFIG = CONFIG_DIR / "smoke.yaml"
 # Run sizes (vnca.config.Config.tier): "paper" uses a variant file alone; "smoke" layers
 # configs/smoke.yaml on any variant; "demo" and "cpu" layer configs/<tier>/<variant>.yaml.
 TIERS = ("paper", "cpu", "demo", "smoke")
@@ -55,19 +58,16 @@ def config_text(cfg: vnca_config.Config) -> str:
 
 
 def default_config_paths() -> list[Path]:
-    return [CONFIG_DIR / f"{name}.yaml" for name in DEFAULT_VARIANTS]
+    return [configs.path(f"{name}.yaml") for name in DEFAULT_VARIANTS]
 
 
 def tier_overlay(tier: str, variant: str) -> Path | None:
-    """The overlay file that sizes a `variant` config for `tier` (None for "paper")."""
+    """The installed overlay file that sizes a `variant` config for `tier` (None for "paper")."""
     if tier not in TIERS:
         raise UserError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
     if tier == "paper":
         return None
-    path = SMOKE_CONFIG if tier == "smoke" else CONFIG_DIR / tier / f"{variant}.yaml"
-    if not path.is_file():
-        raise UserError(f"{path}: the {tier} tier's overlay for the {variant} model is missing")
-    return path
+    return configs.path("smoke.yaml" if tier == "smoke" else f"{tier}/{variant}.yaml")
 
 
 def check_variant_names(names: list[str]) -> None:

@@ -25,11 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vnca import artifacts, config, contracts, reference
+from vnca import artifacts, config, configs, contracts, reference
 from vnca.errors import DataError
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIGS = configs.directory()  # the installed configs: the checkout's configs/ when editable
 
 
 # -- configs, datasets, models -------------------------------------------------------------------

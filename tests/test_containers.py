@@ -50,10 +50,13 @@ def test_image_runs_as_an_unprivileged_user_without_build_leftovers(client):
     assert image.attrs["Config"]["User"] == "vnca"
     assert image.labels.get("vnca.accel") == "cpu"
     assert image.labels.get("org.opencontainers.image.revision")
+    # The configs are the package's own (package data), not a separate copy under /opt/vnca.
     script = ("id -u; ls -A /opt/vnca; python -c 'import vnca.cli, kfp, jax'; "
-              "pip show vnca | grep -c '^Location: .*site-packages'")
+              "pip show vnca | grep -c '^Location: .*site-packages'; "
+              "python -c 'from vnca import configs; print(configs.path(\"demo/doubling.yaml\"))'")
     out = client.containers.run(IMAGE, ["sh", "-c", script], remove=True).decode().split()
-    assert out == ["1000", "configs", "deps", "1"], out  # no build/, no vnca.egg-info
+    assert out[:3] == ["1000", "deps", "1"], out  # no build/, no vnca.egg-info
+    assert len(out) == 4 and out[3].endswith("/site-packages/vnca/configs/demo/doubling.yaml"), out
 
 
 def _garbage_raw_dir(path: Path) -> Path:

@@ -88,24 +88,26 @@ def test_an_update_that_overflows_is_caught_before_anything_is_saved(data_dir, t
 def test_every_checkpoint_of_a_diverging_run_is_finite(data_dir, tmp_path, smoke_cfg):
     cfg = smoke_cfg("baseline", *FAST, "train.learning_rate=1e30", "train.checkpoint_every=1",
                     "train.keep_checkpoints=50")
-    with pytest.raises(train.TrainingDivergedError, match="last good checkpoint is step"):
+    with pytest.raises(train.TrainingDivergedError, match="training diverged: .* at step"):
         train.train_and_evaluate(cfg, data_dir, tmp_path, steps=30)
-    steps = _ckpts(tmp_path)
-    assert steps and max(steps) < 30
-    ckpt = checkpoint.Checkpointer(tmp_path / artifacts.CHECKPOINTS, 50)
     import jax
 
     from vnca.models import build_model
 
     model = build_model(cfg)
     target = jax.eval_shape(lambda k: train.init_state(model, cfg, k), jax.random.key(0))
-    try:
-        for step in steps:
-            state = ckpt._mgr.restore(step, args=ckpt._ocp.args.Composite(
-                state=ckpt._ocp.args.StandardRestore(target)))["state"]
-            assert checkpoint.all_finite(state), step
-    finally:
-        ckpt.close()
+    written = []
+    for where in (artifacts.CHECKPOINTS, checkpoint.DIVERGED_DIR):  # kept and set aside
+        ckpt = checkpoint.Checkpointer(tmp_path / where, 50)
+        try:
+            for step in ckpt.steps():
+                state = ckpt._mgr.restore(step, args=ckpt._ocp.args.Composite(
+                    state=ckpt._ocp.args.StandardRestore(target)))["state"]
+                assert checkpoint.all_finite(state), (where, step)
+                written.append(step)
+        finally:
+            ckpt.close()
+    assert written and max(written) < 30
 
 
 # -- corrupt checkpoints -----------------------------------------------------------------------

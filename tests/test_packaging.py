@@ -1,7 +1,8 @@
 """How the project is packaged: the library (src/vnca) needs no kfp and never imports the
-pipeline; the folders pipeline/ and components/ install as vnca_pipeline(.components); kfp and
-google-cloud-storage are the `pipeline` extra, and without them the commands that need them
-say so in one line."""
+pipeline; the folders pipeline/ and components/ install as vnca_pipeline(.components), and
+configs/ as vnca.configs (package data; tests/test_install.py checks an installed copy); kfp
+and google-cloud-storage are the `pipeline` extra, and without them the commands that need
+them say so in one line."""
 
 import ast
 import subprocess
@@ -17,7 +18,9 @@ from vnca_pipeline import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-PIPELINE_PACKAGES = {"vnca_pipeline": "pipeline", "vnca_pipeline.components": "components"}
+# Packages whose folder is not under src/: the pipeline's, and the configs as package data.
+MAPPED_PACKAGES = {"vnca_pipeline": "pipeline", "vnca_pipeline.components": "components",
+                   "vnca.configs": "configs"}
 
 
 def test_the_library_imports_no_kfp_no_gcs_and_not_the_pipeline():
@@ -46,12 +49,42 @@ def test_pyproject_installs_every_package_under_its_name():
     setuptools = PYPROJECT["tool"]["setuptools"]
     library = sorted("vnca" + ".".join(("",) + p.parent.relative_to(ROOT / "src/vnca").parts)
                      for p in (ROOT / "src" / "vnca").rglob("__init__.py"))
-    assert sorted(setuptools["packages"]) == sorted(library + list(PIPELINE_PACKAGES)), (
+    assert sorted(setuptools["packages"]) == sorted(library + list(MAPPED_PACKAGES)), (
         "a package was added or removed: update [tool.setuptools] packages in pyproject.toml")
-    for package, folder in PIPELINE_PACKAGES.items():
+    for package, folder in MAPPED_PACKAGES.items():
         assert setuptools["package-dir"][package] == folder
         assert [p.parent for p in (ROOT / folder).rglob("__init__.py")] == [ROOT / folder]
+    # Every YAML file under configs/, tier folders included, is package data.
+    assert PYPROJECT["tool"]["setuptools"]["package-data"]["vnca.configs"] == ["**/*.yaml"]
     assert PYPROJECT["project"]["scripts"] == {"vnca": "vnca_pipeline.cli:main"}
+
+
+def test_the_packaged_configs_are_the_checkouts_in_an_editable_install():
+    from vnca import configs
+    from vnca_pipeline import variants
+
+    assert configs.directory() == variants.CONFIG_DIR == ROOT / "configs"
+    assert variants.default_config_paths() == [ROOT / "configs" / f"{n}.yaml"
+                                               for n in variants.DEFAULT_VARIANTS]
+    assert variants.tier_overlay("demo", "doubling") == ROOT / "configs/demo/doubling.yaml"
+    assert variants.tier_overlay("smoke", "doubling") == ROOT / "configs/smoke.yaml"
+    assert variants.tier_overlay("paper", "doubling") is None
+
+
+def test_a_packaged_config_this_install_lacks_is_a_one_line_error_naming_it():
+    from vnca import configs
+
+    with pytest.raises(UserError) as e:
+        configs.path("demo/widening.yaml")
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith("configs/demo/widening.yaml: not among the configs installed")
+    assert str(ROOT / "configs") in str(e.value)
+
+
+def test_the_dev_extra_installs_the_build_backend():
+    """tests/test_install.py builds the package without build isolation (no network)."""
+    backend = PYPROJECT["build-system"]["requires"]
+    assert set(backend) <= set(PYPROJECT["project"]["optional-dependencies"]["dev"])
 
 
 def test_kfp_and_gcs_are_the_pipeline_extra():

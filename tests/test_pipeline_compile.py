@@ -1,6 +1,7 @@
 """The compiled pipeline: the committed pipeline.yaml is current, each target carries the
-machine spec of each variant's config, the one-variant shape, and `vnca submit` dry-runs /
-fails cleanly offline."""
+machine spec of each variant's config, its retries, timeouts, cache settings and TensorBoard,
+the one-variant shape, and `vnca submit` dry-runs / fails cleanly offline (the submission
+itself, through the Vertex AI SDK to a fake Vertex AI, is tests/test_submit_vertex.py)."""
 
 import json
 from pathlib import Path
@@ -9,19 +10,19 @@ import pytest
 import yaml
 
 from vnca import config
-from vnca.errors import ConfigError
+from vnca.errors import ConfigError, UserError
 from vnca_pipeline import cli
 from vnca_pipeline.compile import compile_pipeline
 from vnca_pipeline.components.images import default_image
 from vnca_pipeline.variants import (
     CONFIG_DIR,
     DEFAULT_VARIANTS,
-    REPO_ROOT,
     check_variant_names,
     load_variants,
 )
 
 IMAGE = "europe-west4-docker.pkg.dev/p/r/vnca-python-tpu:abc123"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(path) -> dict:
@@ -60,6 +61,24 @@ def test_committed_pipeline_yaml_is_current(tmp_path):
         "`vnca compile` and commit it. First differences: " + "; ".join(diffs[:5]))
 
 
+def test_committed_pipeline_yaml_has_the_outputs_the_console_shows():
+    """Train and evaluate (custom jobs on Vertex AI) emit Metrics; the report an HTML and a
+    Markdown artifact, which the console renders, and the bounds (Metrics)."""
+    comps = _load(REPO_ROOT / "pipeline.yaml")["components"]
+
+    def outputs(comp: str) -> dict:
+        arts = comps[f"comp-{comp}"]["outputDefinitions"]["artifacts"]
+        return {k: v["artifactType"]["schemaTitle"] for k, v in arts.items()}
+
+    for name in DEFAULT_VARIANTS:
+        assert outputs(f"train-{name}") == {"model": "system.Model",
+                                            "metrics": "system.Metrics"}
+        assert outputs(f"evaluate-{name}") == {"evaluation": "system.Artifact",
+                                               "metrics": "system.Metrics"}
+    assert outputs("report") == {"report_dir": "system.Artifact", "report_html": "system.HTML",
+                                 "report_md": "system.Markdown", "bounds": "system.Metrics"}
+
+
 def test_vertex_tpu_compile_carries_each_variants_tpu_slice(tmp_path):
     tpu = {"baseline": ("ct5lp-hightpu-4t", "2x2"), "doubling": ("ct5lp-hightpu-8t", "2x4"),
            "nondoubling": ("ct5lp-hightpu-1t", "1x1")}
@@ -96,6 +115,69 @@ def test_vertex_gpu_compile_sets_machine_and_accelerators(tmp_path):
     assert _worker_pool(spec, "evaluate-baseline")[0]["machine_spec"] == {
         "machine_type": "a2-highgpu-1g", "accelerator_type": "NVIDIA_TESLA_A100",
         "accelerator_count": 1}
+
+
+def _tasks(spec: dict) -> dict:
+    return spec["root"]["dag"]["tasks"]
+
+
+def _param_default(spec: dict, comp: str, name: str):
+    return spec["components"][f"comp-{comp}"]["inputDefinitions"]["parameters"][name].get(
+        "defaultValue")
+
+
+def test_vertex_compile_has_each_variants_retries_timeout_and_caching(tmp_path):
+    cfgs = _variant_configs({"doubling": ["hardware.retries=3", "hardware.timeout_hours=2.5"],
+                             "nondoubling": ["hardware.retries=0"]})
+    spec = _load(compile_pipeline(tmp_path / "p.yaml", target="vertex-tpu", image=IMAGE,
+                                  configs=cfgs))
+    tasks = _tasks(spec)
+    retries = {n: tasks[n].get("retryPolicy", {}).get("maxRetryCount") for n in tasks}
+    assert retries == {"prepare-data": 2, "report": 2,
+                       "train-baseline": 1, "evaluate-baseline": 1,  # the paper configs' 1
+                       "train-doubling": 3, "evaluate-doubling": 3,
+                       "train-nondoubling": None, "evaluate-nondoubling": None}
+    assert tasks["train-doubling"]["retryPolicy"] == {
+        "maxRetryCount": 3, "backoffDuration": "300s", "backoffFactor": 2.0,
+        "backoffMaxDuration": "3600s"}
+    for name, hours in (("baseline", 24), ("doubling", 2.5), ("nondoubling", 24)):
+        for step in ("train", "evaluate"):
+            assert _param_default(spec, f"{step}-{name}", "timeout") == f"{round(hours * 3600)}s"
+            assert _param_default(spec, f"{step}-{name}", "tensorboard") == ""
+    # Only prepare-data may reuse an earlier run's outputs.
+    assert {n: t["cachingOptions"].get("enableCache", False) for n, t in tasks.items()} == {
+        n: n == "prepare-data" for n in tasks}
+
+
+def test_local_compile_has_no_retries_that_kfp_local_would_sleep_through(tmp_path):
+    spec = _load(compile_pipeline(tmp_path / "p.yaml", target="local", image=IMAGE))
+    assert all("retryPolicy" not in t for t in _tasks(spec).values())
+
+
+def test_tensorboard_goes_to_each_train_custom_job_only(tmp_path):
+    tensorboard = "projects/p/locations/europe-west4/tensorboards/7"
+    spec = _load(compile_pipeline(tmp_path / "p.yaml", target="vertex-gpu", image=IMAGE,
+                                  tensorboard=tensorboard, tensorboard_dir="gs://b/r/job/tb/"))
+    for name in DEFAULT_VARIANTS:
+        assert _param_default(spec, f"train-{name}", "tensorboard") == tensorboard
+        assert _param_default(spec, f"train-{name}", "base_output_directory") == (
+            f"gs://b/r/job/tb/train-{name}")
+        assert _param_default(spec, f"evaluate-{name}", "tensorboard") == ""
+        assert _param_default(spec, f"evaluate-{name}", "base_output_directory") == ""
+    with pytest.raises(UserError, match="vertex target and a gs:// folder"):
+        compile_pipeline(tmp_path / "q.yaml", target="local", tensorboard=tensorboard,
+                         tensorboard_dir="gs://b/r")
+    with pytest.raises(UserError, match="vertex target and a gs:// folder"):
+        compile_pipeline(tmp_path / "q.yaml", tensorboard=tensorboard, tensorboard_dir="/tmp/x")
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("hardware.retries=-1", "hardware.retries"), ("hardware.retries=6", "hardware.retries"),
+    ("hardware.timeout_hours=0", "hardware.timeout_hours"),
+    ("hardware.timeout_hours=169", "hardware.timeout_hours")])
+def test_retries_and_timeout_out_of_bounds_are_refused(override, key):
+    with pytest.raises(ConfigError, match=key):
+        config.load([CONFIG_DIR / "doubling.yaml"], [override])
 
 
 def test_local_compile_runs_every_step_in_the_image_without_installing(tmp_path):
@@ -196,6 +278,8 @@ def test_submit_dry_run_prints_parameters_and_machine_specs(capsys, monkeypatch)
         assert baked == config.load([CONFIG_DIR / f"{v.name}.yaml"], ["train.seed=7"])
     assert "  data_source: raw" in lines and "  download: true" in lines
     assert "region: europe-west4" in lines and "pipeline root: gs://bkt/vnca" in lines
+    assert "tensorboard: (none)" in lines and "experiment: (none)" in lines
+    assert "cache: steps that may reuse an earlier run's outputs: prepare-data" in lines
     plan = lines[lines.index("plan (estimated before the run, `vnca plan` for options):") + 1:]
     assert plan[0].split()[:3] == ["variant", "params", "GFLOP/step"]
     assert [row.split()[0] for row in plan[1:4]] == ["baseline", "doubling", "nondoubling"]
@@ -204,13 +288,22 @@ def test_submit_dry_run_prints_parameters_and_machine_specs(capsys, monkeypatch)
 
 @pytest.fixture
 def no_credentials(monkeypatch, tmp_path):
-    """An environment with no Application Default Credentials and no metadata server."""
+    """An environment with no Application Default Credentials and no metadata server, and a
+    Vertex AI SDK that was given none (its global configuration is restored afterwards)."""
+    from google.cloud.aiplatform import initializer
+
     for var in ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT",
                 "CLOUDSDK_CORE_PROJECT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # no ADC file there
     monkeypatch.setattr("google.auth.compute_engine._metadata.is_on_gce",
                         lambda *a, **k: False)
+    sdk = vars(initializer.global_config)
+    saved = dict(sdk)
+    sdk.update(vars(initializer._Config()))  # as in a fresh process
+    yield
+    sdk.clear()
+    sdk.update(saved)
 
 
 def _submit_error(capsys, extra):
@@ -239,41 +332,3 @@ def test_submit_without_project_says_so_in_one_line(no_credentials, capsys, monk
 def test_submit_refuses_a_local_pipeline_root(capsys):
     rc = cli.main(["submit", "--pipeline-root", "runs/x", "--dry-run"])
     assert rc == 2 and "gs://BUCKET/PATH" in capsys.readouterr().err
-
-
-def test_submit_hands_the_compiled_template_to_a_pipeline_job(capsys, monkeypatch):
-    """The real submission path, up to the Vertex AI client (stood in for here)."""
-    from google.cloud import aiplatform
-
-    seen = {}
-
-    class FakeJob:
-        resource_name = "projects/123/locations/europe-west4/pipelineJobs/vnca-1"
-        name = "vnca-1"
-
-        def __init__(self, **kwargs):
-            seen.update(kwargs)
-            seen["spec"] = yaml.safe_load(Path(kwargs["template_path"]).read_text())
-
-        def submit(self, service_account=None):
-            seen["service_account"] = service_account
-
-    monkeypatch.setattr("google.auth.default", lambda scopes=None: (object(), "adc-project"))
-    monkeypatch.setattr(aiplatform, "init", lambda **kwargs: seen.setdefault("init", kwargs))
-    monkeypatch.setattr(aiplatform, "PipelineJob", FakeJob)
-    rc = cli.main(["submit", "--region", "europe-west4", "--pipeline-root", "gs://bkt/vnca",
-                   "--service-account", "sa@p.iam.gserviceaccount.com", "--target",
-                   "vertex-gpu", "--image", IMAGE, "--config", str(CONFIG_DIR / "doubling.yaml")])
-    assert rc == 0
-    assert seen["init"] == {"project": "adc-project", "location": "europe-west4"}
-    assert (seen["project"], seen["location"]) == ("adc-project", "europe-west4")
-    assert seen["pipeline_root"] == "gs://bkt/vnca"
-    assert seen["service_account"] == "sa@p.iam.gserviceaccount.com"
-    pools = _worker_pool(seen["spec"], "train-doubling")
-    assert pools[0]["machine_spec"]["accelerator_type"] == "NVIDIA_TESLA_A100"
-    assert pools[0]["container_spec"]["image_uri"] == IMAGE
-    assert config.loads(seen["parameter_values"]["config"]) == config.load(
-        [CONFIG_DIR / "doubling.yaml"])
-    assert seen["parameter_values"]["download"] is True
-    assert "submitted projects/123/locations/europe-west4/pipelineJobs/vnca-1" in (
-        capsys.readouterr().out)

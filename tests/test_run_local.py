@@ -231,6 +231,33 @@ def test_run_local_runs_every_step_end_to_end(capsys, tmp_path, check_smoke_run)
     # Every step's artifacts, as the container test checks them.
     assert check_smoke_run(root, train_steps=3) == run
 
+    # TensorBoard: the command to watch the runs, then where this run's event files are; each
+    # variant's model holds one event file (one segment) with a point per logged step.
+    assert f"watch training: tensorboard --logdir {root.resolve()}" in out
+    assert f"TensorBoard event files: {run}/train-*/model/events.out.tfevents.*" in out
+    _check_event_files(run)
+
+
+def _check_event_files(run: Path) -> None:
+    """Tags and step counts of the smoke run's event files (FAST: 3 steps, a training record
+    at every step, one validation at step 3), read back with TensorBoard's own loader."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_tags = {"train/loss", "train/kl", "train/recon", "train/elbo", "train/grad_norm",
+                  "train/images_per_s"}
+    for name in DEFAULT_VARIANTS:
+        model = run / f"train-{name}" / "model"
+        assert len(list(model.glob("events.out.tfevents.*"))) == 1, name
+        acc = EventAccumulator(str(model))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        pool = {"train/pool_rows"} if name == "nondoubling" else set()  # the sample pool
+        assert tags == train_tags | pool | {"valid/val_elbo"}, name
+        for tag in train_tags | pool:
+            assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3], (name, tag)
+        assert [e.step for e in acc.Scalars("valid/val_elbo")] == [3], name
+
 
 @pytest.mark.slow
 def test_run_local_with_one_config_runs_the_one_variant_pipeline(capsys, tmp_path):

@@ -1,11 +1,15 @@
 """Checkpoints of a training run, and the lock that gives a run directory one writer.
 
 `Checkpointer` wraps an orbax CheckpointManager over `OUT/ckpt`: items `state` (the train
-state) and `meta` (JSON: step, wall time, data position and the run's resolved config). It
-restores the newest *intact* checkpoint: one whose files cannot be read, or whose parameters are
-not finite, is moved to `OUT/ckpt-corrupt/<step>` with a warning naming it, and the next older
-one is tried. A checkpoint of a different model (parameter or pool shapes) is never taken for a
-corrupt one: it is a ConfigError naming the first differing array.
+state) and `meta` (JSON: step, wall time, data position and the run's resolved config). It keeps
+the newest `keep` checkpoints that are *verified* (the training loop saw the loss and gradient
+of their parameters finite: checkpoint s's are those of step s + 1) and every newer one, so a
+checkpoint whose parameters turn out to give a non-finite loss never pushed out the last good
+one (`prune`); the loop then moves such checkpoints to `OUT/ckpt-diverged/<step>`
+(`set_aside`). It restores the newest *intact* checkpoint: one whose files cannot be read, or
+whose parameters are not finite, is moved to `OUT/ckpt-corrupt/<step>` with a warning naming
+it, and the next older one is tried. A checkpoint of a different model (parameter or pool
+shapes) is never taken for a corrupt one: it is a ConfigError naming the first differing array.
 
 `RunLock` is an exclusive `flock` on `OUT/.lock`, released by the kernel when the process
 ends however it ends (SIGKILL included), so a stale lock cannot exist; a second writer gets one
@@ -31,6 +35,7 @@ from vnca.config import flatten
 from vnca.errors import ConfigError, UserError, environment_problem
 
 CORRUPT_DIR = "ckpt-corrupt"
+DIVERGED_DIR = "ckpt-diverged"
 LOCK_FILE = ".lock"
 
 
@@ -65,13 +70,20 @@ class Checkpointer:
         import orbax.checkpoint as ocp
 
         self.directory = Path(directory).absolute()
+        self.keep = keep
         self._ocp = ocp
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        # No max_to_keep: orbax would delete the oldest checkpoint as it saves a new one, before
+        # anything is known about the new one's parameters; `prune` deletes verified ones only.
+        opts = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                             cleanup_tmp_directories=True,
                                             enable_async_checkpointing=False)
         handlers = {"state": ocp.StandardCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler()}
         self._mgr = ocp.CheckpointManager(self.directory, options=opts, item_handlers=handlers)
+        # The training loop owns JAX's preemption sync point (`vnca.train.StopSignals` counts
+        # the steps of its segment, 0, 1, 2, ...); orbax's save would also call it, with the
+        # checkpoint's global step, and move the counter the sync protocol reads.
+        self._mgr.reached_preemption = lambda step: False
 
     def __enter__(self) -> Self:
         return self
@@ -125,6 +137,32 @@ class Checkpointer:
             for partial in partials:
                 shutil.rmtree(partial, ignore_errors=True)
             time.sleep(0.05)
+
+    def prune(self, verified: int) -> None:
+        """Delete the oldest checkpoints until `keep` are left of those with step <= `verified`
+        (their parameters gave a finite loss and gradient); newer ones stay. Every process
+        calls it alike (orbax's delete is collective)."""
+        good = [s for s in self.steps() if s <= verified]
+        for step in good[:-self.keep]:
+            self._mgr.delete(step)
+
+    def set_aside(self, steps: list[int]) -> Path | None:
+        """Move checkpoints `steps` to `OUT/ckpt-diverged/<step>` (process 0 moves, the others
+        wait); where they went, or None when there were none."""
+        if not steps:
+            return None
+        dest = self.directory.parent / DIVERGED_DIR
+        if jax.process_index() == 0:
+            dest.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                if (dest / str(step)).exists():
+                    shutil.rmtree(dest / str(step))
+                shutil.move(str(self.directory / str(step)), dest / str(step))
+        if jax.process_count() > 1:
+            self._ocp.multihost.sync_global_processes(
+                f"vnca_set_aside_{'_'.join(map(str, steps))}")
+        self._mgr.reload()
+        return dest
 
     def read_meta(self, step: int) -> dict:
         ocp = self._ocp

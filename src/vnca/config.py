@@ -155,6 +155,11 @@ class HardwareConfig:
     gpu_type: str = "NVIDIA_TESLA_A100"
     gpu_count: int = 1
     description: str = "TPU v5e-8 (single host)"
+    # Vertex AI only, fixed when the pipeline is compiled (like the machine): how many times a
+    # failed train or evaluate step is run again, and how long each of its custom jobs may run
+    # before Vertex AI stops it (at most 7 days, the custom jobs' own default).
+    retries: int = 1
+    timeout_hours: float = 24.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,8 +442,10 @@ AT_LEAST: dict[str, int] = {
     "eval.untrained_images": 0, "eval.tsne_images": 0, "eval.probe_images": 0,
     "eval.probe_steps": 1, "eval.damage_images": 0, "eval.damage_at": 1,
     "eval.recovery_steps": 1, "eval.n_interpolations": 0, "eval.interpolation_points": 2,
-    "hardware.gpu_count": 1,
+    "hardware.gpu_count": 1, "hardware.retries": 0,
 }
+# Most retries of a failed step (each one may repeat hours of accelerator time).
+MAX_RETRIES = 5
 # Ints feed int32 counters and PRNG seeds on the device.
 INT_MAX = 2**31 - 1
 # Float fields and their open (>) or closed (>=) lower bound; every float must be finite.
@@ -449,6 +456,7 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {  # key: (low, high, low i
     "train.clip_norm": (0.0, math.inf, False),
     "train.pool.batch_share": (0.0, 1.0, True),
     "train.pool.damage_share": (0.0, 1.0, True),
+    "hardware.timeout_hours": (0.1, 168.0, True),
 }
 
 
@@ -497,6 +505,9 @@ def validate(cfg: Config) -> Config:
     if 0 < e.probe_images < 2:
         raise ConfigError(f"eval.probe_images must be 0 (skip) or at least 2, got "
                           f"{e.probe_images}")
+    if cfg.hardware.retries > MAX_RETRIES:
+        raise ConfigError(f"hardware.retries must be in [0, {MAX_RETRIES}], got "
+                          f"{cfg.hardware.retries}")
     p = t.pool
     if p.enabled:
         if m.variant != "nondoubling":

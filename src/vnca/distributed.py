@@ -8,6 +8,9 @@ called only when the environment describes a multi-process job:
   `MEGASCALE_*`): JAX auto-detects everything;
 - an explicit coordinator (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`);
 - Vertex AI multi-replica jobs (`CLUSTER_SPEC`, JSON with `cluster.workerpool0` = coordinator).
+
+The processes of such a job stop after one agreed step (`reached_stop_point`, JAX's preemption
+sync point; `vnca.train.StopSignals` uses it), since a checkpoint save is collective.
 """
 
 from __future__ import annotations
@@ -119,6 +122,22 @@ def hardware_string(devices: list | None = None) -> str:
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+def stop_sync_available() -> bool:
+    """Whether the processes of this job can agree on a step to stop at: JAX's preemption sync
+    manager runs, which `jax.distributed.initialize` starts (with `jax_enable_preemption_service`
+    on, the default) together with a C++ SIGTERM handler that is its preemption notice."""
+    return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
+
+
+def reached_stop_point(n: int) -> bool:
+    """JAX's preemption sync point: every process calls this once per step with n = 0, 1, 2, ...;
+    after a preemption notice (SIGTERM) reached any process it is true on all of them at the
+    same n, one past the largest n any of them had passed when the notice arrived."""
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.reached_preemption_sync_point(n)
 
 
 # CPU flags (from /proc/cpuinfo) of instructions that multiply bfloat16 pairs natively.

@@ -23,12 +23,13 @@ The loop feeds the batch of each step (`Feeder`) from per-epoch permutations `fo
 epoch)` (`DataOrder`: the data order is a function of the step; each process feeds the rows its
 devices hold), keeps a step or two in flight (`StepQueue`), checks that the loss, the gradient
 norm and the updated state are finite before every log record and checkpoint
-(TrainingDivergedError otherwise, the last checkpoint stays the last good one), writes metrics
+(TrainingDivergedError otherwise; the checkpoints whose parameters gave the non-finite value are
+set aside, so the newest one left is good and running again resumes from it), writes metrics
 as JSON lines (`MetricsLog`), validates with the evaluation's bound (`vnca.evaluation.bound`) on
 a fixed subset of `valid` (never `test`), and checkpoints (state + step, wall time and data
 position). A first SIGINT or SIGTERM stops it after the current step with a checkpoint
-(`StopSignals`). Only process 0 writes files other than checkpoints (orbax saves are
-collective).
+(`StopSignals`; on a multi-process job every process after the same step). Only process 0
+writes files other than checkpoints (orbax saves are collective).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vnca import artifacts, config, contracts, distributed, losses, pool, rng
+from vnca import artifacts, config, contracts, distributed, losses, pool, rng, tensorboard
 from vnca.checkpoint import Checkpointer, RunLock
 from vnca.config import Config
 from vnca.errors import ConfigError, DataError, UserError
@@ -222,8 +223,9 @@ def train_and_evaluate(cfg: Config, data_dir: str | os.PathLike, out_dir: str | 
     if len(x_train) == 0:
         raise UserError(f"{data_dir}: the train split is empty")
     out = _make_out_dir(out_dir)
-    with _run_lock(out), Checkpointer(out / artifacts.CHECKPOINTS,
-                                      cfg.train.keep_checkpoints) as ckpt, StopSignals() as stop:
+    with (_run_lock(out),
+          Checkpointer(out / artifacts.CHECKPOINTS, cfg.train.keep_checkpoints) as ckpt,
+          StopSignals(distributed.stop_sync_available()) as stop):
         return _train(cfg, x_train, x_valid, out, devices, ckpt, stop)
 
 
@@ -265,7 +267,8 @@ def _train(cfg: Config, x_train: np.ndarray, x_valid: np.ndarray, out: Path, dev
     state, meta = _restore_or_init(ckpt, latest, abstract, state_sh,
                                    lambda: init_fn(keys["init"]))
     start = int(meta["step"])
-    log = MetricsLog(out / artifacts.TRAIN_METRICS, enabled=main)
+    log = MetricsLog(out / artifacts.TRAIN_METRICS, enabled=main,
+                     event_dirs=tensorboard.log_dirs(out, cfg.name))
     log.truncate(start)
 
     feeder = Feeder(mesh, cfg.train.batch_size, cfg.data.pad_to)
@@ -276,6 +279,7 @@ def _train(cfg: Config, x_train: np.ndarray, x_valid: np.ndarray, out: Path, dev
     loop = TrainLoop(cfg, state, meta, step_fn, lambda s: feeder.images(x_train, order.indices(s)),
                      keys["train"], val, log, ckpt, progress, stop, len(x_train))
     state = loop.run()
+    log.close()
     summary = contracts.TrainSummary(
         variant=cfg.model.variant, name=cfg.name, steps=cfg.train.steps,
         wall_time_s=loop.clock.elapsed(), hardware=hardware, n_devices=len(devices),
@@ -371,30 +375,44 @@ def _finished_run(cfg: Config, out: Path, latest: int | None) -> dict | None:
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one training or validation record a line (`vnca.contracts`); only the
-    process that writes files (`enabled`) touches it."""
+    """`metrics.jsonl`: one training or validation record a line (`vnca.contracts`), and the
+    same records as TensorBoard scalars in an event file per segment in each of `event_dirs`
+    (`vnca.tensorboard.log_dirs`: the run directory, and AIP_TENSORBOARD_LOG_DIR's when set),
+    opened by `truncate`; only the process that writes files (`enabled`) touches them."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, event_dirs=()):
+        self.path, self.enabled, self.event_dirs = path, enabled, list(event_dirs)
+        self.events: tensorboard.EventLog | None = None
 
     def truncate(self, last_step: int) -> None:
-        """Drop the records logged after the checkpoint the run resumes from (they will be
-        logged again) and lines cut by a kill."""
-        if not self.enabled or not self.path.is_file():
+        """Start the segment that resumes after `last_step` (0: a fresh run): drop the records
+        logged after it (they will be logged again) and lines cut by a kill, and open the
+        segment's event files (TensorBoard drops the earlier files' points after it)."""
+        if not self.enabled:
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= last_step:
-                    keep.append(line)
-            except json.JSONDecodeError:  # a line cut by a kill
-                continue
-        write_atomic(self.path, "".join(f"{line}\n" for line in keep))
+        if self.path.is_file():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= last_step:
+                        keep.append(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+            write_atomic(self.path, "".join(f"{line}\n" for line in keep))
+        self.close()
+        self.events = tensorboard.EventLog(self.event_dirs, last_step)
 
     def append(self, rec: dict) -> None:
         if self.enabled:
-            contracts.append_train_record(self.path,
-                                          contracts.train_record(rec, str(self.path)))
+            record = contracts.train_record(rec, str(self.path))
+            contracts.append_train_record(self.path, record)
+            if self.events is not None:
+                self.events.write(record)
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+            self.events = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,21 +528,25 @@ class TrainLoop:
         self.clock = Clock(float(meta.get("elapsed_s", 0.0)))
         self.interval = Interval(self.tc.batch_size, self.clock)
         self.last_saved, self.final_loss = int(meta["step"]), meta.get("final_loss")
+        self.start = self.last_saved
 
     def run(self) -> dict:
         """Train to train.steps (Interrupted when a signal stops it first); the final state."""
-        done = self.last_saved
+        done = self.start
         try:
-            for s in range(self.last_saved, self.tc.steps):
-                if self.stop.requested:
+            while True:
+                # Asked before every step and after the last, on every process alike.
+                stop = self.stop.should_stop(done - self.start)
+                if stop or done >= self.tc.steps:
                     break
-                self.state, metrics = self.step_fn(self.state, self.batch(s), self.key)
-                self.queue.push(s, metrics)
-                done = s + 1
+                self.state, metrics = self.step_fn(self.state, self.batch(done), self.key)
+                self.queue.push(done, metrics)
+                done += 1
                 self._after_step(done)
             self._flush()
-            if self.stop.requested:
+            if stop:
                 self._stop(done)
+            self.ckpt.prune(done)  # finished: the final checkpoint has no next loss to wait for
         finally:
             self.progress.close()
         return self.state
@@ -544,18 +566,41 @@ class TrainLoop:
             self._save(done)
 
     def _flush(self) -> None:
-        """Fetch the metrics of every dispatched step; stop on a non-finite value."""
-        for step, m in self.queue.drain():
+        """Fetch the metrics of every dispatched step; stop on a non-finite value. The loss and
+        gradient of step s (0-based) are those of the parameters after s updates, checkpoint
+        s's: once they are finite, checkpoint s is verified, and verified checkpoints beyond
+        train.keep_checkpoints go (`Checkpointer.prune`)."""
+        drained = self.queue.drain()
+        for step, m in drained:
             bad = not_finite(m)
             if bad:
-                where = (f"the last good checkpoint is step {self.last_saved} in "
-                         f"{self.ckpt.directory}" if self.ckpt.latest_step() is not None
-                         else "no checkpoint yet")
-                raise TrainingDivergedError(
-                    f"training diverged: {bad} at step {step + 1}; {where} (lower "
-                    "train.learning_rate or train.clip_norm and rerun)")
+                self._diverged(step, m, bad)
             self.interval.add(m)
             self.final_loss = float(m["loss"])
+        if drained:
+            self.ckpt.prune(drained[-1][0])
+
+    def _diverged(self, step: int, m: dict, bad: str) -> None:
+        """Set aside the checkpoints whose parameters gave the non-finite step `step` (0-based)
+        and raise TrainingDivergedError naming the newest one left, which is good."""
+        # A finite loss and gradient with a non-finite update: checkpoint `step` is still good.
+        finite = all(math.isfinite(float(m[k])) for k in ("loss", "grad_norm"))
+        first_bad = step + 1 if finite else step
+        moved = [s for s in self.ckpt.steps() if s >= first_bad]
+        dest = self.ckpt.set_aside(moved)
+        aside = (f" ({'checkpoint' if len(moved) == 1 else 'checkpoints'} "
+                 f"{', '.join(map(str, moved))}, whose parameters gave it, moved to {dest})"
+                 if moved else "")
+        good = self.ckpt.latest_step()
+        if good is not None:
+            where = f"the last good checkpoint is step {good} in {self.ckpt.directory}{aside}"
+            then = f"resume from checkpoint {good}"
+        else:
+            where = f"no good checkpoint is left{aside}" if moved else "no checkpoint yet"
+            then = "start over"
+        raise TrainingDivergedError(
+            f"training diverged: {bad} at step {step + 1}; {where}; run the same command again "
+            f"with a lower train.learning_rate (now {self.tc.learning_rate:g}) to {then}")
 
     def _log(self, done: int) -> None:
         rec = self.interval.record(done)
@@ -582,12 +627,17 @@ class TrainLoop:
         if done > self.last_saved:
             self._log(done)
             self._save(done)
-        signum = self.stop.requested
+        # Processes that stopped at the sync point without a signal of their own: SIGTERM,
+        # JAX's preemption notice.
+        signum = self.stop.requested or signal.SIGTERM
+        by, also = ((f"a SIGTERM or SIGINT to one of the {jax.process_count()} processes",
+                     ", where all of them stopped") if self.stop.synced
+                    else (signal.Signals(signum).name, ""))
         where = (f"checkpoint {self.last_saved:,} is in {self.ckpt.directory} (run the same "
                  "command again to resume)" if self.ckpt.latest_step() is not None else
                  "no checkpoint was written")
-        raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {done:,} of "
-                          f"{self.tc.steps:,}; {where}", signum)
+        raise Interrupted(f"stopped by {by} at step {done:,} of {self.tc.steps:,}{also}; "
+                          f"{where}", signum)
 
 
 def _due(every: int, done: int, last: int) -> bool:
@@ -734,11 +784,13 @@ class Interval:
 
 
 class TrainingDivergedError(UserError):
-    """The loss or gradient norm became NaN or infinite."""
+    """The loss, the gradient norm or the updated state became NaN or infinite; the checkpoints
+    whose parameters gave it were set aside, so that running again resumes from a good one."""
 
 
 class Interrupted(UserError):
-    """SIGINT or SIGTERM stopped training; a checkpoint of the last finished step was saved."""
+    """SIGINT or SIGTERM stopped training; a checkpoint of the last finished step was saved
+    (on a multi-process job, by every process at the same step)."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -746,23 +798,45 @@ class Interrupted(UserError):
 
 
 class StopSignals:
-    """While active, the first SIGINT or SIGTERM only asks the loop to stop after the step it
-    is on (`requested` holds the signal number); a second SIGINT aborts at once."""
+    """While active, the first SIGINT or SIGTERM only asks the loop to stop, with a checkpoint,
+    after the step it is on (`requested`: the signal number, if this process got one); a second
+    SIGINT aborts at once.
 
-    def __init__(self):
+    One process: `should_stop` is true from the first signal on. The processes of a
+    multi-process job (`synced`) must stop after the same step, or the collective checkpoint
+    save waits forever for the ones that went on, so they use JAX's preemption sync point
+    (`distributed.reached_stop_point`): a SIGTERM to any process is its preemption notice,
+    caught by the C++ handler `jax.distributed.initialize` installed (a Python SIGTERM handler
+    would replace it, so none is installed), a first SIGINT raises that SIGTERM, and the
+    notice reaches the other processes through the coordination service, which picks the step
+    all of them stop after."""
+
+    def __init__(self, synced: bool = False):
+        self.synced = synced
         self.requested: int | None = None
         self._old: dict = {}
+
+    def should_stop(self, n_done: int) -> bool:
+        """Whether to stop now, with `n_done` steps of this segment finished; ask once per step
+        (n_done = 0, 1, 2, ...), on every process."""
+        if self.synced:
+            return distributed.reached_stop_point(n_done)
+        return self.requested is not None
 
     def _handle(self, signum, frame) -> None:
         if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after the current step and saving a "
-              "checkpoint (Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
+        after = "the step all processes agree on" if self.synced else "the current step"
+        print(f"\n{signal.Signals(signum).name}: stopping after {after} and saving a checkpoint "
+              "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
+        if self.synced:
+            signal.raise_signal(signal.SIGTERM)  # JAX's preemption notice
 
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            sigs = (signal.SIGINT,) if self.synced else (signal.SIGINT, signal.SIGTERM)
+            for sig in sigs:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
