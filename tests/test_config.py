@@ -198,3 +198,18 @@ def test_huge_or_deeply_nested_file_is_refused(tmp_path):
 def test_a_directory_as_config_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="is a directory, not a config file"):
         config.load(tmp_path)
+
+
+def test_a_resolved_config_lacking_a_key_is_refused_when_it_must_be_complete():
+    """A model's config.yaml is `dump` output, which states every key: one without a key (cut
+    short at a line break, or from another version) is refused, not filled in with defaults."""
+    text = config.dump(config.load(["configs/doubling.yaml"]))
+    assert config.loads(text, "full", complete=True) == config.loads(text, "full")
+    lines = text.splitlines(keepends=True)
+    without = "".join(line for line in lines if not line.strip().startswith("timeout_hours:"))
+    assert config.loads(without, "x").hardware.timeout_hours == 24.0  # a user's file: defaults
+    with pytest.raises(ConfigError, match=r"^cut: a resolved config without hardware.timeout_h"):
+        config.loads(without, "cut", complete=True)
+    cut = "".join(lines[: len(lines) // 2])  # every line whole: valid YAML, half the keys
+    with pytest.raises(ConfigError, match=r"and \d+ more: cut short"):
+        config.loads(cut, "cut", complete=True)

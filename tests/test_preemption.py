@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from kfp.dsl import Dataset, Model
+from kfp.dsl import Dataset, Metrics, Model
 
 from vnca import artifacts, train
 from vnca_pipeline.components.train import train as train_op
@@ -27,10 +27,10 @@ STEPS = 10
 FAST = ("train.checkpoint_every=2", "train.log_every=2", "train.val_every=0",
         "train.batch_size=4", "train.pool.size=8", f"train.steps={STEPS}")
 RUN_COMPONENT = (
-    "import sys; from kfp.dsl import Dataset, Model; "
+    "import sys; from kfp.dsl import Dataset, Metrics, Model; "
     "from vnca_pipeline.components.train import train as train_op; "
     "train_op.python_func(config=sys.argv[1], data=Dataset(uri=sys.argv[2]), "
-    "model=Model(uri=sys.argv[3]))")
+    "model=Model(uri=sys.argv[3]), metrics=Metrics(uri=sys.argv[3] + '-metrics'))")
 
 
 def _ckpts(out: Path) -> list[int]:
@@ -82,7 +82,9 @@ def test_a_killed_train_step_resumes_from_its_own_checkpoint(tmp_path, model_uri
     assert at_kill and max(at_kill) < STEPS and not (path / artifacts.PARAMS).exists()
 
     model = Model(uri=uri)  # the restarted job: the same output location
-    train_op.python_func(config=config_text(cfg), data=Dataset(uri=str(data)), model=model)
+    metrics = Metrics(uri=f"{uri}-metrics")
+    train_op.python_func(config=config_text(cfg), data=Dataset(uri=str(data)), model=model,
+                         metrics=metrics)
     summary = json.loads((path / artifacts.TRAIN_SUMMARY).read_text())
     assert summary["resumed_from_step"] == max(at_kill) >= 2
     assert model.metadata["steps"] == STEPS

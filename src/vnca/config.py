@@ -404,10 +404,20 @@ def apply_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
     return validate(from_dict(merged, sources))
 
 
-def loads(text: str, source: str = "<config>") -> Config:
-    """Load a config from YAML text (as passed between pipeline steps)."""
+def loads(text: str, source: str = "<config>", complete: bool = False) -> Config:
+    """Load a config from YAML text (as passed between pipeline steps). `complete`: the text is
+    a resolved config (`dump`, a model's config.yaml), which states every key; one that lacks a
+    key was cut short or written by another version of vnca, and is refused rather than read
+    with defaults filled in."""
     data = _read_yaml(text, source)
-    return validate(from_dict(data, {"": source}))
+    cfg = validate(from_dict(data, {"": source}))
+    if complete:
+        missing = sorted(set(flatten(to_dict(cfg))) - set(flatten(data)))
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise ConfigError(f"{source}: a resolved config without {missing[0]}{more}: cut "
+                              "short, or written by another version of vnca")
+    return cfg
 
 
 def from_dict(data: dict, sources: dict[str, str] | None = None) -> Config:

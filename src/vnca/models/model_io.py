@@ -40,7 +40,7 @@ def load_model(model_dir: str | Path) -> tuple[config.Config, VAE, dict]:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{cfg_path}: cannot read ({' '.join(str(e).split())})") from None
     try:
-        cfg = config.loads(text, str(cfg_path))
+        cfg = config.loads(text, str(cfg_path), complete=True)
     except ConfigError as e:
         raise DataError(f"{cfg_path}: not a config of this version of vnca ({e})") from None
     model = build_model(cfg)

@@ -137,7 +137,7 @@ def load_train_dir(path: str | Path) -> TrainRun:
     if not cfg_path.is_file():
         raise DataError(f"missing file: {cfg_path}")
     try:
-        cfg = vconfig.loads(cfg_path.read_text(), source=str(cfg_path))
+        cfg = vconfig.loads(cfg_path.read_text(), source=str(cfg_path), complete=True)
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{cfg_path}: cannot read ({e.__class__.__name__})") from None
     summary_path = d / artifacts.TRAIN_SUMMARY
