@@ -28,9 +28,8 @@ randomness; only images_per_s differs).
 
 Writer: tensorboardX (protobuf and numpy only, no TensorFlow): its Event and Summary protos and
 its TFRecord CRC, framed and flushed here. Not its `SummaryWriter`, whose `flush()` does not
-wait for the events its background thread has not written yet (a reader right after `flush()`
-saw none), nor its `EventsWriter`, which fsyncs at every flush (4 ms a record here: with
-train.log_every 1 that slowed the steps of a smoke run measurably).
+wait for its background thread, nor its `EventsWriter`, which fsyncs every record (the cost is
+in docs/running.md, "Watching a run").
 
 A write to the run directory that fails raises, as metrics.jsonl's would; the
 AIP_TENSORBOARD_LOG_DIR copy is a view, not an output: if it cannot be opened or written, one
@@ -59,7 +58,8 @@ SCALARS = {
 }
 EVENT_FILE_PREFIX = "events"  # -> events.out.tfevents.<time>.<host>.from-step-<C>
 # Seconds between fsyncs of an event file (every write is flushed to the OS at once): an fsync
-# took 4 ms here, and on a /gcs/ (Cloud Storage FUSE) mount it uploads the whole file.
+# per record would slow short steps, and on a /gcs/ (Cloud Storage FUSE) mount it uploads the
+# whole file.
 FSYNC_EVERY_S = 5.0
 
 
