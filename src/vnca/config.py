@@ -93,6 +93,12 @@ class PoolConfig:
     batch_share: float = 0.5
     # Share of those pool rows that are damaged before regrowing (O: 32 of 64).
     damage_share: float = 0.5
+    # First step whose batch takes rows from the pool (O: 0). Before it every row is a fresh
+    # image grown from its seed, and the pool only fills. A departure from O when > 0.
+    start_step: int = 0
+    # Whether the KL of a pool row's encoding is charged (O: true); its z is never decoded,
+    # since the row grows from the pool's state. A departure from O when false.
+    kl_on_pool_rows: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,6 +453,7 @@ AT_LEAST: dict[str, int] = {
     "train.steps": 1, "train.batch_size": 1, "train.seed": 0, "train.checkpoint_every": 1,
     "train.keep_checkpoints": 1, "train.log_every": 1, "train.val_every": 0,
     "train.val_images": 0, "train.val_iw_samples": 1, "train.pool.size": 1,
+    "train.pool.start_step": 0,
     "eval.iw_samples": 1, "eval.n_images": 1, "eval.batch_size": 1, "eval.seed": 0,
     "eval.n_samples": 0, "eval.n_reconstructions": 0, "eval.classify_images": 0,
     "eval.untrained_images": 0, "eval.tsne_images": 0, "eval.probe_images": 0,

@@ -101,14 +101,16 @@ def _mean_terms(log_px_B, kl_B, beta) -> tuple[jax.Array, dict]:
 
 
 def pool_loss(model: VAE, cfg: Config, params: dict, x_BxHxWx1: jax.Array, pool_state: dict,
-              key: jax.Array) -> tuple[jax.Array, dict]:
+              key: jax.Array, step: jax.Array | int = 0) -> tuple[jax.Array, dict]:
     """Loss of a batch whose last n_pool rows are pool entries (image + grown state, some
-    damaged); aux holds the metrics and the batch's final states for the pool."""
+    damaged) from step `train.pool.start_step` on; aux holds the metrics and the batch's final
+    states for the pool."""
     b = x_BxHxWx1.shape[0]
+    p = cfg.train.pool
     n_pool, n_damage = pool.pool_rows(cfg)
     k_z, k_damage, k_t, k_grow = jax.random.split(key, 4)
     fed = pool.take(pool_state, b, n_pool)
-    use_B = fed["use_B"]
+    use_B = fed["use_B"] & (step >= p.start_step)
     x_BxHxWx1 = jnp.where(use_B[:, None, None, None], fed["images"], x_BxHxWx1)
     mean_BxZ, std_BxZ = model.encode(params, x_BxHxWx1)
     z_BxZ = model.sample_z(mean_BxZ, std_BxZ, k_z)
@@ -116,7 +118,10 @@ def pool_loss(model: VAE, cfg: Config, params: dict, x_BxHxWx1: jax.Array, pool_
     s_BxHxWxC = model.damage(s_BxHxWxC, k_damage, pool.damage_rows(b, n_pool, n_damage, use_B))
     s_BxHxWxC = model.grow(params, s_BxHxWxC, k_grow, model.sample_n_steps(k_t))
     log_px_B = losses.bernoulli_loglik(model.to_logits(s_BxHxWxC), x_BxHxWx1[..., 0])
-    loss, metrics = _mean_terms(log_px_B, losses.gaussian_kl(mean_BxZ, std_BxZ), cfg.train.beta)
+    kl_B = losses.gaussian_kl(mean_BxZ, std_BxZ)
+    if not p.kl_on_pool_rows:
+        kl_B = jnp.where(use_B, 0.0, kl_B)
+    loss, metrics = _mean_terms(log_px_B, kl_B, cfg.train.beta)
     metrics["pool_rows"] = jnp.sum(use_B).astype(jnp.float32)
     return loss, {"metrics": metrics, "images": x_BxHxWx1,
                   "states": jax.lax.stop_gradient(s_BxHxWxC)}
@@ -133,7 +138,8 @@ def make_train_step(model: VAE, cfg: Config) -> Callable:
 
         def loss_fn(params):
             if use_pool:
-                return pool_loss(model, cfg, params, x_BxHxWx1, state["pool"], k_loss)
+                return pool_loss(model, cfg, params, x_BxHxWx1, state["pool"], k_loss,
+                                 state["step"])
             t = model.forward(params, x_BxHxWx1, k_loss, beta)
             loss, metrics = _mean_terms(t["log_px"], t["kl"], beta)
             return loss, {"metrics": metrics}
