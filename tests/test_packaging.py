@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from vnca import storage
 from vnca.errors import UserError
 from vnca_pipeline import cli
 
@@ -106,11 +105,3 @@ def test_a_pipeline_command_without_kfp_says_which_extra_in_one_line(argv, monke
     assert err.count("\n") == 1 and err.startswith(f"vnca {argv[0]}: error: ")
     assert "pip install 'vnca[pipeline]'" in err
     assert list(tmp_path.iterdir()) == []
-
-
-def test_gcs_copies_without_google_cloud_storage_say_which_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "google.cloud.storage", None)
-    monkeypatch.delattr("google.cloud.storage", raising=False)
-    with pytest.raises(UserError) as e:
-        storage.make_client()
-    assert "\n" not in str(e.value) and "pip install 'vnca[pipeline]'" in str(e.value)

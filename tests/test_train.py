@@ -112,6 +112,58 @@ def test_pool_loss_uses_pool_images_and_states_and_damages_the_first_pool_rows(s
     assert float(aux["metrics"]["pool_rows"]) == 3
 
 
+
+def test_pool_start_step_trains_as_without_pool_rows_until_it_then_feeds_the_pool(smoke_cfg):
+    """Before train.pool.start_step no row comes from the pool, so the pool's shares and the KL
+    flag cannot change the parameters; the pool still fills, and feeds rows from that step."""
+    base = ("model.damage_size=4", "train.batch_size=4", "train.pool.size=8",
+            "train.pool.start_step=3")
+    cfgs = [smoke_cfg("nondoubling", *base),
+            smoke_cfg("nondoubling", *base, "train.pool.batch_share=1.0",
+                      "train.pool.kl_on_pool_rows=false")]
+    x = jnp.asarray((np.random.default_rng(0).random((4, 28, 28, 1)) > 0.5).astype(np.float32))
+    runs = []
+    for cfg in cfgs:
+        model = build_model(cfg)
+        step = jax.jit(train.make_train_step(model, cfg))
+        state = train.init_state(model, cfg, jax.random.key(0))
+        rows = []
+        for i in range(4):
+            state, m = step(state, x, jax.random.key(1))
+            rows.append(float(m["pool_rows"]))
+            if i == 2:
+                params3, filled3 = state["params"], int(state["pool"]["filled"].sum())
+        runs.append((params3, rows, filled3))
+    for a, b in zip(jax.tree_util.tree_leaves(runs[0][0]), jax.tree_util.tree_leaves(runs[1][0])):
+        np.testing.assert_array_equal(a, b)
+    # steps 0-2 take no pool row although the pool has filled; step 3 takes n_pool rows
+    assert runs[0][1] == [0.0, 0.0, 0.0, 2.0] and runs[1][1] == [0.0, 0.0, 0.0, 4.0]
+    # each step drops the n_pool slots it took (used or not) and adds B states: 8 of 8 slots
+    # filled after 3 steps with n_pool 2, 4 with n_pool 4
+    assert runs[0][2] == 8 and runs[1][2] == 4
+
+
+def test_kl_on_pool_rows_false_charges_only_the_fresh_rows(smoke_cfg):
+    cfgs = {flag: smoke_cfg("nondoubling", "model.damage_size=4", "train.batch_size=8",
+                            f"train.pool.kl_on_pool_rows={flag}") for flag in ("true", "false")}
+    model = build_model(cfgs["true"])
+    params = model.init(jax.random.key(0))
+    p = pool.init_pool(8, 28, cfgs["true"].model.z_dim)
+    p["images"] = jnp.ones_like(p["images"])
+    p["filled"] = p["filled"].at[:2].set(True)  # pool rows 4, 5 are fed; 6, 7 stay fresh
+    x = jnp.asarray((np.random.default_rng(1).random((8, 28, 28, 1)) > 0.5).astype(np.float32))
+    kl = {}
+    for flag, cfg in cfgs.items():
+        _, aux = train.pool_loss(model, cfg, params, x, p, jax.random.key(2))
+        kl[flag] = float(aux["metrics"]["kl"])
+        images = aux["images"]
+    mean, std = model.encode(params, images)
+    kl_B = np.asarray(losses.gaussian_kl(mean, std))
+    np.testing.assert_allclose(kl["true"], kl_B.mean(), rtol=1e-5)
+    np.testing.assert_allclose(kl["false"], kl_B[[0, 1, 2, 3, 6, 7]].sum() / 8, rtol=1e-5)
+    assert kl["false"] < kl["true"]
+
+
 # -- the loop: files, resume, no-op, errors ------------------------------------------------------
 
 @pytest.fixture(scope="module")

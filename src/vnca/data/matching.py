@@ -51,12 +51,6 @@ def bernoulli_lut(eps: float = EPS) -> tuple[np.ndarray, np.ndarray]:
     return np.log(p) - log1mp, log1mp
 
 
-def bernoulli_weights(images_NxD: np.ndarray, eps: float = EPS) -> tuple[np.ndarray, np.ndarray]:
-    """(w_NxD, b_N) in float64 with LL(x, image_n) = x . w_n + b_n."""
-    w_lut, b_lut = bernoulli_lut(eps)
-    return w_lut[images_NxD], b_lut[images_NxD].sum(axis=1)
-
-
 def loglik_dense(x_MxD: np.ndarray, images_NxD: np.ndarray, eps: float = EPS) -> np.ndarray:
     """Every pair's LL in float64, straight from the definition (small inputs; for tests)."""
     p = np.clip(images_NxD.astype(np.float64) / 255.0, eps, 1.0 - eps)
