@@ -59,7 +59,7 @@ def measure_variant(variant: str, tiny: bool, steps: int, iw_batches: int) -> di
     b = cfg.train.batch_size
     mesh = distributed.make_mesh(devices)
     model = build_model(cfg)
-    _, _, init_fn, step_fn = train._programs(model, train._step_config(cfg), mesh)
+    _, _, init_fn, step_fn = train.programs(model, cfg, mesh)
     rows = distributed.batch_sharded(mesh)
     rs = np.random.default_rng(0)
     n = cfg.data.pad_to
@@ -84,7 +84,7 @@ def measure_variant(variant: str, tiny: bool, steps: int, iw_batches: int) -> di
     step_s = (time.perf_counter() - t0) / steps
 
     k = cfg.eval.iw_samples
-    eval_fn = train._eval_program(model, k, mesh)
+    eval_fn = train.eval_program(model, k, mesh)
     per_call = len(devices)
     x = batch(per_call)
     index = jax.device_put(np.arange(per_call, dtype=np.int32), rows)  # the images' indices
@@ -117,7 +117,7 @@ def doubling_curve(tiny: bool, budget_s: float, max_steps: int, every: int) -> l
     from vnca.models import build_model
 
     model = build_model(cfg)
-    _, _, init_fn, step_fn = train._programs(model, train._step_config(cfg), mesh)
+    _, _, init_fn, step_fn = train.programs(model, cfg, mesh)
     rows = distributed.batch_sharded(mesh)
     keys = jax.random.split(jax.random.key(1), 2)
     state = init_fn(keys[0])

@@ -144,7 +144,7 @@ def run_one(variant: str, batch: int, steps: int, warmup: int, remat: str, nd_st
     mesh = distributed.make_mesh()
     train.check_batch(cfg, mesh.devices.size)
     mm_before = _matmul_gflops()
-    _, _, init_fn, step_fn = train._programs(model, train._step_config(cfg), mesh)
+    _, _, init_fn, step_fn = train.programs(model, cfg, mesh)
     state = init_fn(jax.random.key(0))
     from vnca.data import pad_images
 

@@ -6,8 +6,8 @@
 For each variant it loads a model trained by `vnca train` (`--models DIR/VARIANT-float32`) and
 the first `--images` test images, then computes, in one float64-enabled process, a float64
 reference (im2col convs: Winograd's tile transforms are float32 constants) and the same
-quantities under every conv algorithm (`layers.CONV_ALGORITHMS`) and precision policy
-(`layers.PRECISIONS`), with the same random draws (latent noise drawn in float32 and shared;
+quantities under every conv algorithm (`kernels.CONV_ALGORITHMS`) and precision policy
+(`kernels.PRECISIONS`), with the same random draws (latent noise drawn in float32 and shared;
 update masks and step counts drawn from the same keys):
 
   rollout        the decoder's growth from the images' posterior means: every state of a
@@ -47,7 +47,7 @@ import numpy as np
 from vnca import config, configs, losses
 from vnca.data import pad_images
 from vnca.models import build_model
-from vnca.models.layers import CONV_ALGORITHMS, PRECISIONS
+from vnca.models.kernels import CONV_ALGORITHMS, PRECISIONS
 from vnca.models.model_io import load_model
 
 ROLLOUT = {"doubling": 40, "nondoubling": 64}

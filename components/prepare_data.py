@@ -31,4 +31,4 @@ def prepare_data(
     report = prepare(source=source, out_dir=dataset.path, raw_dir=raw, download=download,
                      tfds_dir=mounted_path(tfds_dir))
     dataset.metadata["source"] = source
-    dataset.metadata["summary"] = str(report.get("summary", ""))
+    dataset.metadata["summary"] = report.summary

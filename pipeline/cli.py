@@ -14,6 +14,7 @@ import sys
 
 from vnca import cli
 from vnca.cli import DefaultsFormatter
+from vnca.config import TIERS
 from vnca.errors import UserError
 
 
@@ -102,7 +103,7 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
                    help="local pipeline root directory (runs, logs, the compilation cache)")
     p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
                    help="run each step as a subprocess of this Python or in the image")
-    p.add_argument("--tier", choices=["demo", "cpu", "smoke", "paper"], default="demo",
+    p.add_argument("--tier", choices=TIERS, default="demo",
                    help="run size: demo (minutes, visibly learns), cpu (full data, about an "
                    "hour), smoke (seconds, for tests), paper (the paper's configs)")
     p.add_argument("--smoke", action="store_true", help="the same as --tier smoke")
@@ -126,7 +127,7 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
                        "wall time and chip-hours on its machine", formatter_class=DefaultsFormatter)
     p.add_argument("--config", action="append", default=[], metavar="YAML",
                    help="variant configs (default: the three paper configs)")
-    p.add_argument("--tier", choices=["paper", "cpu", "demo", "smoke"], default="paper",
+    p.add_argument("--tier", choices=TIERS, default="paper",
                    help="the tier's overlay goes on each config, as in run-local")
     p.add_argument("--target", choices=["vertex-tpu", "vertex-gpu"], default="vertex-tpu",
                    help="the config's TPU slice or GPU machine")

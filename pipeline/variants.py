@@ -20,6 +20,7 @@ import yaml
 
 from vnca import config as vnca_config
 from vnca import configs
+from vnca.config import TIERS
 from vnca.errors import ConfigError, UserError
 
 # The folder of the configs installed with vnca (the checkout's configs/ when installed
@@ -29,7 +30,6 @@ CONFIG_DIR = configs.directory()
 DEFAULT_VARIANTS = ("baseline", "doubling", "nondoubling")
 # Run sizes (vnca.config.Config.tier): "paper" uses a variant file alone; "smoke" layers
 # configs/smoke.yaml on any variant; "demo" and "cpu" layer configs/<tier>/<variant>.yaml.
-TIERS = ("paper", "cpu", "demo", "smoke")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 

@@ -310,7 +310,7 @@ class ReportInputs:
         base = contracts.EvalMetrics(
             variant=variant, name=variant, smoke=smoke, tier="smoke" if smoke else "paper",
             model_dir=f"models/{variant}", n_test_images=10000, device="1 x cpu",
-            eval_config={}, eval_steps=None,
+            eval_config={}, eval_steps=None, precision="float32",
             iwelbo=contracts.IwBound(
                 k=k, n_images=n, mean_nats=mean, stderr_nats=se,
                 bits_per_dim=-mean / (ln2 * 784), stderr_bits_per_dim=se / (ln2 * 784),
@@ -391,7 +391,7 @@ class ReportInputs:
             variant=variant, name=variant, steps=steps, wall_time_s=wall, hardware=hw,
             n_devices=ndev, n_processes=1, smoke=smoke, tier="smoke" if smoke else "paper",
             param_count=1234567, final_loss=2.5, batch_size=8, train_split="train",
-            resumed_from_step=0, commit=self.COMMITS[variant]).write(d / artifacts.TRAIN_SUMMARY)
+            resumed_from_step=0, commit=self.COMMITS[variant], precision="float32").write(d / artifacts.TRAIN_SUMMARY)
         for step in (0, 10, 100, 1000):
             contracts.append_train_record(d / artifacts.TRAIN_METRICS, self.train_record(step))
             if step == 1000 and variant != "baseline":  # baseline: no validation records

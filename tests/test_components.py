@@ -77,7 +77,7 @@ def test_prepare_data_body_maps_gcs_paths_and_gives_downloads_a_scratch_dir(
     def prepare_data(source, out_dir, raw_dir, download, tfds_dir):
         calls.append({"source": source, "out_dir": out_dir, "raw_dir": raw_dir, "download": download,
                           "tfds_dir": tfds_dir})
-        return {"summary": "stub"}
+        return types.SimpleNamespace(summary="stub")  # a contracts.MatchReport's summary
 
     fake_module("vnca.data.prepare", prepare_data=prepare_data)
     dataset = _artifact(Dataset, tmp_path / "dataset")
@@ -104,7 +104,7 @@ def _finished_run(out_dir: str, cfg, records, final_loss=12.5, wall_time_s=3.25)
         variant=cfg.model.variant, name=cfg.name, steps=cfg.train.steps,
         wall_time_s=wall_time_s, hardware="1 x cpu", n_devices=1, n_processes=1, smoke=True,
         tier="smoke", param_count=10, final_loss=final_loss, batch_size=cfg.train.batch_size,
-        train_split="train", resumed_from_step=0)
+        train_split="train", resumed_from_step=0, precision="float32")
     summary.write(os.path.join(out_dir, artifacts.TRAIN_SUMMARY))
     return summary.to_dict()
 
@@ -308,6 +308,7 @@ def _eval_metrics(variant: str, bound: float, stderr_nats=None, bits_per_dim=0.2
     return contracts.EvalMetrics(
         variant=variant, name=variant, smoke=True, tier="smoke", model_dir="model",
         n_test_images=8, device="1 x cpu", eval_config={}, eval_steps=None,
+        precision="float32",
         iwelbo=contracts.IwBound(
             k=4, n_images=8, mean_nats=bound, stderr_nats=stderr_nats,
             bits_per_dim=bits_per_dim, stderr_bits_per_dim=None, n_pixels=784,

@@ -1,11 +1,14 @@
 """Config loading: layered files, overrides, one-line errors naming key and file."""
 
+import dataclasses
+import re
 import subprocess
 import sys
+import typing
 
 import pytest
 
-from vnca import config
+from vnca import config, configs, schema
 from vnca.errors import ConfigError
 
 
@@ -52,12 +55,13 @@ def test_unknown_key_names_key_and_file(tmp_path):
 def test_wrong_type_names_key_and_file(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("train:\n  batch_size: lots\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: train.batch_size must be int, got 'lots'"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: 'train.batch_size' must be an integer in "
+                       r"\[1, 2147483647\], got \"lots\"$"):
         config.load(p)
 
 
 def test_bad_choice_and_bad_override():
-    with pytest.raises(ConfigError, match="model.variance_head must be one of"):
+    with pytest.raises(ConfigError, match="'model.variance_head' must be one of \"log_std\", "):
         config.load("configs/doubling.yaml", ["model.variance_head=log_sigma"])
     with pytest.raises(ConfigError, match="--set train.stepz=3: unknown key|unknown key 'train.stepz'"):
         config.load("configs/doubling.yaml", ["train.stepz=3"])
@@ -128,11 +132,72 @@ def test_out_of_range_values_fail_at_load_naming_the_key(override, key):
     assert key in msg and "\n" not in msg and len(msg) < 200
 
 
-def test_every_int_field_has_a_least_value():
-    ints = [k for k, v in config.flatten(config.to_dict(config.Config())).items()
-            if isinstance(v, int) and not isinstance(v, bool)
-            or (v is None and k in ("model.eval_steps", "eval.n_images"))]
-    assert sorted(set(ints) - set(config.AT_LEAST)) == []
+def test_every_number_declares_its_bounds():
+    """Every int field is bounded on both sides (ints feed int32 counters and seeds), every
+    float is finite: `schema.describe` of each field says so."""
+    def leaves(cls, prefix=""):
+        for name, field in cls.__pydantic_fields__.items():
+            if isinstance(field.default_factory, type):  # a section
+                yield from leaves(field.default_factory, f"{prefix}{name}.")
+            else:
+                yield prefix + name, schema.describe(schema.field_types(cls)[name])
+
+    kinds = dict(leaves(config.Config))
+    assert kinds["train.pool.start_step"] == "an integer in [0, 2147483647]"
+    assert kinds["model.eval_steps"] == "an integer in [1, 2147483647] or null"
+    assert kinds["hardware.timeout_hours"] == "a finite number in [0.1, 168]"
+    ints = {k for k, v in kinds.items() if "integer" in v}
+    assert ints and all(re.search(r"^an integer in \[\d+, \d+\]", kinds[k]) for k in ints)
+    floats = {k for k, v in kinds.items() if "number" in v}
+    assert floats and all(kinds[k].startswith("a finite number") for k in floats)
+
+
+def test_yaml_numbers_are_read_strictly(tmp_path):
+    """`1e-4` is the number (YAML 1.1 reads it as a string); a quoted number, a bool for an
+    int and a float for an int are refused, an int for a float is taken as the float."""
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  learning_rate: 3e-4\n  clip_norm: 1\n")
+    c = config.load(["configs/doubling.yaml", p])
+    assert c.train.learning_rate == 3e-4 and c.train.clip_norm == 1.0
+    assert type(c.train.clip_norm) is float and "clip_norm: 1.0\n" in config.dump(c)
+    for text, got in (("train:\n  steps: '3'\n", '"3"'), ("train:\n  steps: true\n", "true"),
+                      ("train:\n  steps: 3.0\n", "3.0"),
+                      ("train:\n  learning_rate: '1e-4'\n", '"1e-4"'),
+                      ("train:\n  pool: {kl_on_pool_rows: 1}\n", "1")):
+        p.write_text(text)
+        with pytest.raises(ConfigError, match=f"c.yaml: '.+' must be .*, got {re.escape(got)}$"):
+            config.load(["configs/doubling.yaml", p])
+
+
+def test_a_section_built_in_python_is_checked_too():
+    """`dataclasses.replace` and the constructors check bounds as loading does (the rules
+    across fields are `validate`'s, at load)."""
+    cfg = config.Config()
+    assert dataclasses.replace(cfg.train, steps=7).steps == 7
+    with pytest.raises(ConfigError, match=r"^vnca.config.TrainConfig: 'steps' must be an "
+                       r"integer in \[1, 2147483647\], got 0$"):
+        dataclasses.replace(cfg.train, steps=0)
+    with pytest.raises(ConfigError, match=r"'kl_on_pool_rows' must be true or false, got 1$"):
+        config.PoolConfig(kl_on_pool_rows=1)
+    with pytest.raises(ConfigError, match=r"unknown key 'stepz' \(known keys of "
+                       r"vnca.config.TrainConfig: batch_size, "):
+        config.TrainConfig(stepz=3)
+
+
+def test_the_new_pool_fields_load_with_their_defaults_and_bounds():
+    c = config.load("configs/nondoubling.yaml")
+    assert (c.train.pool.start_step, c.train.pool.kl_on_pool_rows) == (0, True)
+    c = config.load("configs/nondoubling.yaml", ["train.pool.start_step=400",
+                                                 "train.pool.kl_on_pool_rows=false"])
+    assert (c.train.pool.start_step, c.train.pool.kl_on_pool_rows) == (400, False)
+    with pytest.raises(ConfigError, match="'train.pool.start_step' must be an integer in"):
+        config.load("configs/nondoubling.yaml", ["train.pool.start_step=-1"])
+
+
+def test_tiers_and_variants_are_named_once():
+    assert config.TIERS == ("smoke", "demo", "cpu", "paper")  # smallest first
+    assert config.VARIANTS == ("baseline", "doubling", "nondoubling")
+    assert typing.get_args(config.Config.__pydantic_fields__["tier"].annotation) == config.TIERS
 
 
 def test_every_shipped_config_loads():
@@ -213,3 +278,15 @@ def test_a_resolved_config_lacking_a_key_is_refused_when_it_must_be_complete():
     cut = "".join(lines[: len(lines) // 2])  # every line whole: valid YAML, half the keys
     with pytest.raises(ConfigError, match=r"and \d+ more: cut short"):
         config.loads(cut, "cut", complete=True)
+
+
+def test_departures_name_the_pool_schedule_and_kl_choices():
+    paper = config.load([configs.directory() / "nondoubling.yaml"])
+    assert config.departures(paper) == []
+    cpu = config.load([configs.directory() / "nondoubling.yaml", configs.directory() / "cpu" / "nondoubling.yaml"])
+    assert config.departures(cpu) == [f"pool from step {cpu.train.pool.start_step:,}"]
+    both = config.apply_overrides(paper, ["train.pool.start_step=2500",
+                                          "train.pool.kl_on_pool_rows=false"])
+    assert config.departures(both) == ["pool from step 2,500", "no KL on pool rows"]
+    off = config.apply_overrides(both, ["train.pool.enabled=false"])
+    assert config.departures(off) == []

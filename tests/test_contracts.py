@@ -29,8 +29,10 @@ def _one_line(excinfo) -> str:
 
 @pytest.mark.parametrize("cls, step", ARTIFACTS)
 def test_a_file_without_or_with_another_version_is_refused(cls, step):
+    newer = cls.VERSION + 1
     for stored, needle in (({"step": 1}, "no 'version' (written by an older vnca)"),
-                           ({"version": 2}, "version 2, this vnca reads version 1"),
+                           ({"version": newer}, f"version {newer}, this vnca reads version"),
+                           ({"version": 0}, "version 0, this vnca reads version"),
                            ({"version": True}, "version true")):
         with pytest.raises(DataError) as e:
             cls.from_json(stored, "f.json")
@@ -44,8 +46,8 @@ def test_a_file_without_or_with_another_version_is_refused(cls, step):
     ({"distinct": 1, "references": 0, "rows": -1}, "'rows' must be a non-negative integer, got -1"),
     ({"distinct": 1, "references": 0, "rows": True}, "'rows' must be a non-negative integer, got true"),
     ({"distinct": 1, "references": 0, "rows": 2.0}, "'rows' must be a non-negative integer, got 2.0"),
-    ({"distinct": 1, "references": 0, "rows": 2, "hist": [1]}, ("unknown key 'hist' (not "
-     "declared in vnca.contracts.Collisions)")),
+    ({"distinct": 1, "references": 0, "rows": 2, "hist": [1]}, ("unknown key 'hist' (known "
+     "keys of vnca.contracts.Collisions: distinct, references, rows)")),
     ([1, 2], "expected a JSON object, got list"),
 ])
 def test_values_are_checked_and_named(value, needle):
@@ -80,36 +82,66 @@ def test_numbers_finite_or_null_and_the_training_log_keeps_nan():
         contracts.train_record(dict(valid.to_json(), split="test"), "log", stored=True)
 
 
-def test_the_writer_checks_before_writing(tmp_path):
-    summary = contracts.TrainSummary(
-        variant="doubling", name="doubling", steps=3, wall_time_s=float("nan"), hardware="cpu",
-        n_devices=1, n_processes=1, smoke=True, tier="smoke", param_count=10, final_loss=None,
-        batch_size=8, train_split="train", resumed_from_step=0)
-    path = tmp_path / "summary.json"
+SUMMARY = {"variant": "baseline", "name": "baseline", "steps": 3, "wall_time_s": 1.5,
+           "hardware": "1 x cpu", "n_devices": 1, "n_processes": 1, "smoke": True,
+           "tier": "smoke", "param_count": 10, "final_loss": 1.0, "batch_size": 8,
+           "train_split": "train", "resumed_from_step": 0, "precision": "float32"}
+
+
+def test_a_contract_is_checked_when_built_and_again_before_it_is_written(tmp_path,
+                                                                         report_inputs):
     with pytest.raises(DataError) as e:
-        summary.write(path)
-    assert _one_line(e) == f"{path}: 'wall_time_s' must be a finite number, got nan"
-    assert list(tmp_path.iterdir()) == []
-    fixed = contracts.TrainSummary.from_dict(dict(summary.to_dict(), wall_time_s=2), "summary")
-    fixed.write(path)
-    assert json.loads(path.read_text()) == {"version": 1, **fixed.to_dict()}
-    assert contracts.TrainSummary.read(path) == fixed
-
-
-def test_the_train_summary_names_its_precision_and_older_ones_read_as_float32(tmp_path):
-    d = {"variant": "baseline", "name": "baseline", "steps": 3, "wall_time_s": 1.5,
-         "hardware": "1 x cpu", "n_devices": 1, "n_processes": 1, "smoke": True, "tier": "smoke",
-         "param_count": 10, "final_loss": 1.0, "batch_size": 8, "train_split": "train",
-         "resumed_from_step": 0}
+        contracts.TrainSummary(**dict(SUMMARY, wall_time_s=float("nan")))
+    assert _one_line(e) == ("vnca.contracts.TrainSummary: 'wall_time_s' must be a finite "
+                            "number, got nan")
+    summary = contracts.TrainSummary(**SUMMARY)
     path = tmp_path / "summary.json"
-    path.write_text(json.dumps({"version": 1, **d}))  # written before the policy existed
-    assert contracts.TrainSummary.read(path).precision == "float32"
-    path.write_text(json.dumps({"version": 1, **d, "precision": "bf16_operands"}))
-    assert contracts.TrainSummary.read(path).precision == "bf16_operands"
+    summary.write(path)
+    assert json.loads(path.read_text()) == {"version": 2, **summary.to_dict()}
+    assert contracts.TrainSummary.read(path) == summary
+    # A frozen contract's lists can still be changed in place: `write` checks it again.
+    metrics = report_inputs.eval_metrics("doubling")
+    metrics.figures.append(3)
+    path = tmp_path / "metrics.json"
+    with pytest.raises(DataError) as e:
+        metrics.write(path)
+    n = len(metrics.figures) - 1
+    assert _one_line(e) == f"{path}: 'figures[{n}]' must be a string, got 3"
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("cls", [contracts.TrainSummary, contracts.EvalMetrics])
+def test_precision_is_required_from_version_2_and_version_1_is_upgraded(tmp_path, cls,
+                                                                      report_inputs):
+    """Version 2 added `precision` as a required key. A version 1 file is upgraded: without the
+    key (written before the precision policy existed) its arithmetic was float32."""
+    if cls is contracts.TrainSummary:
+        current = contracts.TrainSummary(**SUMMARY)
+    else:
+        current = report_inputs.eval_metrics("baseline", precision="bf16_operands")
+    d = current.to_dict()
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps({"version": 1, **d}))  # v1, written with the policy
+    assert cls.read(path) == current
+    path.write_text(json.dumps({"version": 1, **{k: v for k, v in d.items()
+                                                  if k != "precision"}}))
+    assert cls.read(path).precision == "float32"
+    path.write_text(json.dumps({"version": 2, **{k: v for k, v in d.items()
+                                                  if k != "precision"}}))
+    with pytest.raises(DataError) as e:
+        cls.read(path)
+    assert _one_line(e) == (f"{path}: missing 'precision' (one of \"float32\", "
+                            "\"bf16_operands\")")
     path.write_text(json.dumps({"version": 1, **d, "precision": "fp8"}))
     with pytest.raises(DataError) as e:
-        contracts.TrainSummary.read(path)
+        cls.read(path)
     assert "'precision' must be one of" in _one_line(e)
+
+
+@pytest.mark.parametrize("cls", [c for c, _ in ARTIFACTS])
+def test_every_version_below_the_current_one_that_is_read_has_its_upgrade(cls):
+    assert sorted(cls.UPGRADES) == list(range(min(cls.UPGRADES, default=cls.VERSION),
+                                              cls.VERSION))
 
 
 def test_a_log_line_cut_by_a_kill_is_dropped_only_at_the_end(tmp_path):

@@ -11,14 +11,8 @@ import pytest
 
 from vnca import config
 from vnca.models import build_model
-from vnca.models.layers import (
-    CONV_ALGORITHMS,
-    Conv,
-    ConvTranspose,
-    _uniform,
-    conv_stride1,
-    winograd_tile,
-)
+from vnca.models.kernels import CONV_ALGORITHMS, conv_stride1, winograd_tile
+from vnca.models.layers import Conv, ConvTranspose, _uniform
 
 
 @pytest.mark.parametrize("hw, tile", [(28, 4), (32, 4), (8, 4), (2, 2), (6, 2), (5, None)])
@@ -92,7 +86,7 @@ def test_algorithms_share_parameters_and_decode_alike(variant):
 @pytest.mark.parametrize("platform, want", [("cpu", "winograd"), ("gpu", "xla"),
                                             ("tpu", "xla"), ("rocm", "xla")])
 def test_auto_resolves_per_backend_and_explicit_choices_stay(platform, want):
-    from vnca.models.layers import resolve_algorithm
+    from vnca.models.kernels import resolve_algorithm
     from vnca.models.vae import resolve_backend
 
     for variant in ("baseline", "doubling", "nondoubling"):
@@ -207,7 +201,7 @@ def test_transposed_conv_phases_equal_the_dilated_conv(n, k, stride, torch_paddi
                                                        output_padding, direct_conv):
     """The s^2 phase convs of the undilated input compute the conv of the dilated input, values
     and gradients, against the float64 direct sum over the dilated input."""
-    from vnca.models.layers import conv_transpose_phases, dilate
+    from vnca.models.kernels import conv_transpose_phases, dilate
 
     x = jax.random.normal(jax.random.key(0), (2, n, n, 3))
     w = jax.random.normal(jax.random.key(1), (k, k, 3, 4))
@@ -233,7 +227,7 @@ def test_transposed_conv_phases_equal_the_dilated_conv(n, k, stride, torch_paddi
 def test_transposed_conv_phases_decline_unequal_phases():
     """An output side that is not a multiple of the stride has phases of unequal sizes: the
     dilated im2col path computes it instead."""
-    from vnca.models.layers import conv_transpose_phases
+    from vnca.models.kernels import conv_transpose_phases
 
     x = jnp.ones((1, 4, 4, 2))
     assert conv_transpose_phases(x, jnp.ones((5, 5, 2, 3)), 2, 2, 7) is None

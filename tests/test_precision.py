@@ -15,15 +15,8 @@ from vnca import config, losses
 from vnca.data import pad_images
 from vnca.errors import ConfigError
 from vnca.models import build_model
-from vnca.models.layers import (
-    CONV_ALGORITHMS,
-    PRECISIONS,
-    Conv,
-    ConvTranspose,
-    Dense,
-    conv_stride1,
-    matmul,
-)
+from vnca.models.kernels import CONV_ALGORITHMS, PRECISIONS, conv_stride1, matmul
+from vnca.models.layers import Conv, ConvTranspose, Dense
 
 
 def _round(a) -> np.ndarray:

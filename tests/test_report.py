@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vnca import artifacts, contracts, reference
+from vnca import artifacts, config, contracts, reference
 from vnca import report as rpt
 from vnca.errors import DataError, UserError
+from vnca.report import document
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LN2 = math.log(2.0)
@@ -163,6 +164,7 @@ def test_results_table_numbers(built, report_inputs):
         assert r["trained, same images (nats)"] == "-87.50 (8 images)"
     assert {v: d["commit"] for v, d in details.items()} == {
         "doubling": "0123456789ab", "nondoubling": "fedcba987654+dirty", "baseline": "—"}
+    assert {d["departures from the paper's recipe"] for d in details.values()} == {"none"}
     wall = {v: d["training wall time"] for v, d in details.items()}
     assert wall == {"doubling": "1 h 02 min", "nondoubling": "20 min 34 s",
                     "baseline": "42.5 s"}
@@ -410,6 +412,12 @@ def test_tier_banners(tmp_path, report_inputs):
     assert rpt.smallest_tier("paper", None, "demo", "cpu") == "demo"
 
 
+def test_every_tier_has_a_label_and_every_tier_below_the_paper_a_banner():
+    """The tiers are named once (`config.TIERS`); the report's texts cover exactly them."""
+    assert tuple(rpt.TIER_LABELS) == config.TIERS
+    assert tuple(document.TIER_BANNERS) == config.TIERS[:-1] and config.TIERS[-1] == "paper"
+
+
 def test_raw_statistics_come_last(built):
     _, html_path = built
     html = html_path.read_text()
@@ -598,7 +606,7 @@ def _lines(*records) -> str:
     (_set("variant", 3), "variant"),
     (lambda d: [d], "expected a JSON object"),
     (_set("iwelbo.extra", 1), "unknown key 'iwelbo.extra'"),
-    (_set("version", 2), "rerun `vnca evaluate`"),
+    (_set("version", contracts.EvalMetrics.VERSION + 1), "rerun `vnca evaluate`"),
 ])
 def test_malformed_eval_metrics_is_one_data_error(tmp_path, edit, key, report_inputs):
     dirs = report_inputs.make(tmp_path)

@@ -164,6 +164,23 @@ def test_kl_on_pool_rows_false_charges_only_the_fresh_rows(smoke_cfg):
     assert kl["false"] < kl["true"]
 
 
+def test_step_key_holds_what_the_compiled_step_reads_and_nothing_else(smoke_cfg):
+    """Configs that differ only in loop settings share one compilation (`train.programs`)."""
+    from vnca import distributed
+
+    mesh = distributed.make_mesh()
+    base = smoke_cfg("nondoubling")
+    model = build_model(base)
+    key = train.StepKey.of(model, base, mesh)
+    loop_only = smoke_cfg("nondoubling", "train.steps=7", "train.log_every=3", "train.seed=5",
+                          "train.val_every=0", "train.checkpoint_every=9", "name=other")
+    assert train.StepKey.of(build_model(loop_only), loop_only, mesh) == key
+    for override in ("train.beta=0.5", "train.pool.kl_on_pool_rows=false",
+                     "train.pool.start_step=3", "train.clip_norm=2.0"):
+        cfg = smoke_cfg("nondoubling", override)
+        assert train.StepKey.of(build_model(cfg), cfg, mesh) != key, override
+
+
 # -- the loop: files, resume, no-op, errors ------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -55,35 +55,35 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
         source=args.source, out_dir=args.out, raw_dir=args.raw_dir,
         download=args.download, tfds_dir=args.tfds_dir,
     )
-    print(f"dataset written to {args.out} ({report.get('summary', '')})")
+    print(f"dataset written to {args.out} ({report.summary})")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vnca import config
+    from vnca import config, contracts
 
     cfg = config.load(args.config, args.overrides)  # fail fast, before importing JAX
     from vnca.train import train_and_evaluate
 
-    summary = train_and_evaluate(cfg, data_dir=args.data, out_dir=args.out, steps=args.steps)
-    print(f"trained {summary['variant']} for {summary['steps']} steps; model in {args.out}")
+    summary = contracts.TrainSummary.from_dict(
+        train_and_evaluate(cfg, data_dir=args.data, out_dir=args.out, steps=args.steps),
+        "the training summary")
+    print(f"trained {summary.variant} for {summary.steps} steps; model in {args.out}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vnca import contracts
     from vnca.evaluate import evaluate
 
-    metrics = evaluate(
-        model_dir=args.model, data_dir=args.data, out_dir=args.out, overrides=args.overrides
-    )
-    iw = metrics.get("iwelbo") or {}
-    mean = iw.get("mean_nats")
-    bound = f"{mean:.2f} nats" if isinstance(mean, (int, float)) else "not finite"
-    rec = metrics.get("reconstruction") or {}
-    accuracy = rec.get("accuracy")
+    m = contracts.EvalMetrics.from_dict(
+        evaluate(model_dir=args.model, data_dir=args.data, out_dir=args.out,
+                 overrides=args.overrides), "the evaluation's metrics")
+    accuracy = m.reconstruction.accuracy if m.reconstruction else None
     recognised = (f"; {accuracy:.1%} of test reconstructions recognised"
-                  if isinstance(accuracy, (int, float)) else "")
-    print(f"IW bound (K={iw.get('k')}): {bound}{recognised}; results in {args.out}")
+                  if accuracy is not None else "")
+    print(f"IW bound (K={m.iwelbo.k}): {m.iwelbo.mean_nats:.2f} nats{recognised}; results in "
+          f"{args.out}")
     return 0
 
 

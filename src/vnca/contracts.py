@@ -5,145 +5,71 @@
                     MODEL_DIR/metrics.jsonl      TrainRecord or ValidRecord, one a line
     evaluate     -> EVAL_DIR/metrics.json        EvalMetrics
 
-Each is a frozen dataclass. A writer builds one (or checks the dict it assembled with
-`from_dict`) and calls `write`, which checks the object against its class before a byte is
-written; a reader calls `read`, which checks the file the same way. Any problem is one
-`DataError` line naming the file and the key. A key the class does not declare is refused in
-both directions, so a new key is a reviewed edit here. Sections whose shape depends on the data
-source or the config (`provenance`, `method`, `eval_config`, ...) stay plain JSON objects.
+Each is a `vnca.schema` record: frozen, and checked by its field types whether it is built in
+Python or read from a file. A writer builds one (or checks the dict it assembled with
+`from_dict`) and calls `write`, which checks the object as a reader will before a byte is
+written; a reader calls `read`. Any problem is one `DataError` line naming the file and the key
+(`vnca.schema.explain`). A key the class does not declare is refused in both directions, so a
+new key is a reviewed edit here. Sections whose shape depends on the data source or the config
+(`provenance`, `method`, `eval_config`, ...) stay plain JSON objects.
+
+Field types: those of `vnca.schema` (`Count`, `Positive`, `Finite`: a writer's NaN is written as
+null, `Finite | None`; `Real`: the training log keeps NaN). `X | None` without a default: the
+key is always written, its value may be null. A field defaulting to None is an optional section:
+the key is absent when there is none. No field has another default: every key a class declares
+is in every file its version writes.
 
 Versions: every file (every line of metrics.jsonl) carries `version`, one integer per class.
-A file without it (written before the artifacts had versions) or with another version is
-refused with one line naming the step to rerun; older shapes are not read.
-
-Field types: `int`, `Count` (>= 0), `Positive` (>= 1), `float` (finite: a writer's NaN is
-written as null, `float | None`), `Real` (any float, NaN included: the training log), `bool`,
-`str`, `Literal[...]`, `X | None` (the key is present, its value may be null), a field that
-defaults to None (an optional section: the key is absent when there is none), a field with
-another default (a key added later: a file written before it reads as the default), `list[X]`,
-`dict[str, X]`, `dict` (any JSON object) and nested contracts.
+When a class's shape changes, its `VERSION` goes up and `UPGRADES[v]` turns a file of version
+`v` into one of `v + 1` (a key added gets the value the older code meant). A file without a
+version (written before the artifacts had versions), or of a version with no upgrade, is refused
+with one line naming the step to rerun.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
-import math
 import os
-import types
-import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Self, Union
+from typing import Any, ClassVar, Literal, Self
 
-from vnca import artifacts
-from vnca.config import Precision, Variant
+import pydantic
+from pydantic import field_validator
+
+from vnca import artifacts, schema
+from vnca.config import Precision, Tier, Variant
 from vnca.errors import DataError
 from vnca.fileio import write_atomic
+from vnca.schema import Bool, Count, Finite, Positive, Real, Str
 
-Tier = Literal["paper", "cpu", "demo", "smoke"]  # config.Config.tier
-
-
-@dataclasses.dataclass(frozen=True)
-class _AtLeast:
-    value: int
-
-
-_NON_FINITE = "non-finite allowed"
-Count = Annotated[int, _AtLeast(0)]
-Positive = Annotated[int, _AtLeast(1)]
-Real = Annotated[float, _NON_FINITE]
-
-contract = dataclasses.dataclass(frozen=True, kw_only=True)
+contract = schema.record
 
 
 # ---------------------------------------------------------------------------------------------
-# Checking one value against its annotation.
+# Bases.
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+class Contract(schema.Record):
+    """A JSON object with declared keys; subclasses are `@contract` classes. A field's JSON key
+    is its name, or its `pydantic.Field(alias=...)`; a field defaulting to None is optional."""
 
+    ERROR = DataError
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> Self:
+        """`d` (a JSON object without `version`) checked and converted; `where` names it in
+        errors."""
+        return cls.parse(d, where)
 
-
-def _short(v: Any) -> str:
-    text = repr(v) if isinstance(v, float) else json.dumps(v, default=repr)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _describe(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Annotated:
-        base, *marks = args
-        for m in marks:
-            if isinstance(m, _AtLeast):
-                return "a non-negative integer" if m.value == 0 else f"an integer >= {m.value}"
-        return "a number" if _NON_FINITE in marks else _describe(base)
-    if origin in (Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return " or ".join(_describe(a) for a in inner) + " or null"
-    if origin is Literal:
-        return "one of " + ", ".join(json.dumps(a) for a in args)
-    if origin is list or tp is list:
-        return "a list"
-    if origin is dict or tp is dict or (isinstance(tp, type) and issubclass(tp, Contract)):
-        return "an object"
-    return {int: "an integer", float: "a finite number", bool: "true or false",
-            str: "a string"}[tp]
-
-
-def _parse(value: Any, tp: Any, where: str, name: str, what: str | None = None) -> Any:
-    """`value` (a JSON value) checked against the annotation `tp`; contracts are built.
-    `what`: how the error names the expected value (`tp`'s description by default)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    ok = True
-    if origin is Annotated:
-        base, *marks = args
-        if _NON_FINITE in marks:
-            ok = _is_number(value)
-            value = float(value) if ok else value
-        else:
-            value = _parse(value, base, where, name, what or _describe(tp))
-            ok = all(value >= m.value for m in marks if isinstance(m, _AtLeast))
-    elif origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) != 1:
-            raise TypeError(f"unsupported annotation {tp}")
-        return _parse(value, inner[0], where, name, what or _describe(tp))
-    elif origin is Literal:
-        ok = value in args and not isinstance(value, bool)
-    elif origin is list or tp is list:
-        ok = isinstance(value, list)
-        if ok and args:
-            value = [_parse(v, args[0], where, f"{name}[{i}]") for i, v in enumerate(value)]
-    elif origin is dict or tp is dict:
-        ok = isinstance(value, dict)
-        if ok and args:
-            value = {k: _parse(v, args[1], where, f"{name}.{k}") for k, v in value.items()}
-    elif isinstance(tp, type) and issubclass(tp, Contract):
-        if isinstance(value, dict):
-            return tp._from(value, where, name + ".")
-        ok = False
-    elif tp is float:
-        ok = _is_number(value) and math.isfinite(value)
-        value = float(value) if ok else value
-    elif tp is int:
-        ok = _is_int(value)
-    elif tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is str:
-        ok = isinstance(value, str)
-    else:
-        raise TypeError(f"unsupported annotation {tp}")
-    if not ok:
-        raise DataError(f"{where}: '{name}' must be {what or _describe(tp)}, got "
-                        f"{_short(value)}")
-    return value
+    def to_dict(self) -> dict:
+        """The JSON object (without `version`): optional sections that are None are left out."""
+        out = {}
+        for name, info in type(self).__pydantic_fields__.items():
+            value = getattr(self, name)
+            if not (value is None and info.default is None):
+                out[info.alias or name] = _dump(value)
+        return out
 
 
 def _dump(v: Any) -> Any:
@@ -156,59 +82,12 @@ def _dump(v: Any) -> Any:
     return v
 
 
-# ---------------------------------------------------------------------------------------------
-# Bases.
-
-
-class Contract:
-    """A JSON object with declared keys; subclasses are `@contract` dataclasses. A field's JSON
-    key is its name, or `metadata={"key": ...}`; a field defaulting to None is optional."""
-
-    @classmethod
-    @functools.cache
-    def _fields(cls) -> tuple:
-        hints = typing.get_type_hints(cls, include_extras=True)
-        return tuple((f.metadata.get("key", f.name), f.name, hints[f.name], f.default is None,
-                      f.default is not dataclasses.MISSING) for f in dataclasses.fields(cls))
-
-    @classmethod
-    def _from(cls, d: dict, where: str, prefix: str = "") -> Self:
-        kwargs = {}
-        for key, attr, tp, _, has_default in cls._fields():
-            if key in d:
-                kwargs[attr] = _parse(d[key], tp, where, prefix + key)
-            elif not has_default:
-                raise DataError(f"{where}: missing '{prefix}{key}' ({_describe(tp)})")
-        declared = {key for key, *_ in cls._fields()}
-        for key in d:
-            if key not in declared:
-                raise DataError(f"{where}: unknown key '{prefix}{key}' (not declared in "
-                                f"vnca.contracts.{cls.__name__})")
-        obj = cls(**kwargs)
-        obj._check(where, prefix)
-        return obj
-
-    def _check(self, where: str, prefix: str) -> None:
-        """Checks across fields (none by default); raise `DataError` naming `where`."""
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str) -> Self:
-        """`d` (a JSON object without `version`) checked and converted; `where` names it in
-        errors."""
-        if not isinstance(d, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}")
-        return cls._from(d, where)
-
-    def to_dict(self) -> dict:
-        """The JSON object (without `version`): optional sections that are None are left out."""
-        return {key: _dump(getattr(self, attr)) for key, attr, _, optional, _ in self._fields()
-                if not (optional and getattr(self, attr) is None)}
-
-
 class Versioned(Contract):
     """A contract stored with a `version`: a JSON file, or one line of a JSON-lines log."""
 
     VERSION: ClassVar[int] = 1
+    # {v: f}: f turns the stored object (without `version`) of version v into one of v + 1.
+    UPGRADES: ClassVar[dict[int, Callable[[dict], dict]]] = {}
     STEP: ClassVar[str]  # the command that writes it, named when a file must be rewritten
 
     def to_json(self) -> dict:
@@ -216,16 +95,23 @@ class Versioned(Contract):
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> Self:
-        """An object as stored (with `version`), checked and converted."""
+        """An object as stored (with `version`), upgraded to this version, checked and
+        converted."""
         if not isinstance(d, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}")
         rerun = f"rerun `{cls.STEP}` to write it again"
         if "version" not in d:
             raise DataError(f"{where}: no 'version' (written by an older vnca); {rerun}")
-        if not (_is_int(d["version"]) and d["version"] == cls.VERSION):
-            raise DataError(f"{where}: version {_short(d['version'])}, this vnca reads version "
-                            f"{cls.VERSION}; {rerun}")
-        return cls._from({k: v for k, v in d.items() if k != "version"}, where)
+        version = d["version"]
+        readable = (f"version {cls.VERSION}" if not cls.UPGRADES else
+                    f"versions {min(cls.UPGRADES)} to {cls.VERSION}")
+        if not (type(version) is int and (version == cls.VERSION or version in cls.UPGRADES)):
+            raise DataError(f"{where}: version {schema.short(version)}, this vnca reads "
+                            f"{readable}; {rerun}")
+        d = {k: v for k, v in d.items() if k != "version"}
+        for v in range(version, cls.VERSION):
+            d = cls.UPGRADES[v](d)
+        return cls.from_dict(d, where)
 
 
 class Artifact(Versioned):
@@ -268,16 +154,16 @@ class Distribution(Contract):
     PERCENTILES: ClassVar[dict] = {0.1: "p0_1", 1.0: "p1", 5.0: "p5", 25.0: "p25",
                                    50.0: "p50", 75.0: "p75", 95.0: "p95"}
     n: Count
-    min: float | None = None
-    mean: float | None = None
-    p0_1: float | None = dataclasses.field(default=None, metadata={"key": "p0.1"})
-    p1: float | None = None
-    p5: float | None = None
-    p25: float | None = None
-    p50: float | None = None
-    p75: float | None = None
-    p95: float | None = None
-    max: float | None = None
+    min: Finite | None = None
+    mean: Finite | None = None
+    p0_1: Finite | None = pydantic.Field(default=None, alias="p0.1")
+    p1: Finite | None = None
+    p5: Finite | None = None
+    p25: Finite | None = None
+    p50: Finite | None = None
+    p75: Finite | None = None
+    p95: Finite | None = None
+    max: Finite | None = None
     count_below_1: Count | None = None
     count_below_10: Count | None = None
     count_below_50: Count | None = None
@@ -323,27 +209,27 @@ class MatchSummary(Contract):
 class MatchGroup(MatchSummary):
     """A group of binarized splits matched jointly against one MNIST split."""
 
-    queries: str
-    reference: str
+    queries: Str
+    reference: Str
     n_queries: Count
     n_references: Count
     top_k: Positive
-    seconds: float
+    seconds: Finite
 
 
 @contract
 class ClassifierInfo(Contract):
     """The independent digit classifier (`vnca.evaluation.classifier`)."""
 
-    kind: str
+    kind: Str
     n_train: Count
-    test_accuracy: float | None
+    test_accuracy: Finite | None
 
 
 @contract
 class PairsFigure(Contract):
-    file: str
-    seed: int
+    file: Str
+    seed: schema.Int()
     rows: dict
 
 
@@ -353,25 +239,33 @@ class MatchReport(Artifact):
 
     STEP: ClassVar[str] = "vnca prepare-data"
     source: Literal["raw", "tfds", "bundled"]
-    summary: str
+    summary: Str
     counts: dict[str, Count]
     provenance: dict
     method: dict
     groups: dict[str, MatchGroup]
     splits: dict[str, MatchSummary]
     classifier: ClassifierInfo
-    timing_s: dict[str, float]
+    timing_s: dict[str, Finite]
     figure: PairsFigure
 
-    def _check(self, where: str, prefix: str) -> None:
-        for key in ("counts", "splits"):
-            if sorted(getattr(self, key)) != sorted(artifacts.SPLITS):
-                raise DataError(f"{where}: '{prefix}{key}' must have the keys "
-                                f"{', '.join(artifacts.SPLITS)}")
+    @field_validator("counts", "splits")
+    @classmethod
+    def _one_per_split(cls, value: dict) -> dict:
+        if sorted(value) != sorted(artifacts.SPLITS):
+            raise schema.invalid(f"must have the keys {', '.join(artifacts.SPLITS)}")
+        return value
 
 
 # ---------------------------------------------------------------------------------------------
 # train -> summary.json and metrics.jsonl (vnca.train)
+
+
+def _float32_unless_stated(d: dict) -> dict:
+    """TrainSummary and EvalMetrics version 1 -> 2: `precision` became a required key. A
+    version 1 file written before the precision policy existed lacks it; its arithmetic was
+    float32."""
+    return {"precision": "float32", **d}
 
 
 @contract
@@ -379,24 +273,25 @@ class TrainSummary(Artifact):
     """MODEL_DIR/summary.json, written last by `vnca.train.train_and_evaluate`."""
 
     STEP: ClassVar[str] = "vnca train"
+    VERSION: ClassVar[int] = 2  # 2: `precision` required
+    UPGRADES: ClassVar[dict] = {1: _float32_unless_stated}
     variant: Variant
-    name: str
+    name: Str
     steps: Count
-    wall_time_s: float
-    hardware: str
+    wall_time_s: Finite
+    hardware: Str
     n_devices: Positive
     n_processes: Positive
-    smoke: bool
+    smoke: Bool
     tier: Tier
     param_count: Count
-    final_loss: float | None
+    final_loss: Finite | None
     batch_size: Positive
     train_split: Literal["train", "train+valid"]
     resumed_from_step: Count
-    commit: str | None = None  # the code's git commit (`vnca.provenance`), when known
-    # The precision policy of training's arithmetic (`model.precision`, also in config.yaml);
-    # summaries written before the policy existed trained in float32.
-    precision: Precision = "float32"
+    commit: Str | None = None  # the code's git commit (`vnca.provenance`), when known
+    # The precision policy of training's arithmetic (`model.precision`, also in config.yaml).
+    precision: Precision
 
 
 @contract
@@ -478,18 +373,18 @@ class IwBound(Contract):
 
     k: Positive
     n_images: Positive
-    mean_nats: float
-    stderr_nats: float | None
-    bits_per_dim: float
-    stderr_bits_per_dim: float | None
+    mean_nats: Finite
+    stderr_nats: Finite | None
+    bits_per_dim: Finite
+    stderr_bits_per_dim: Finite | None
     n_pixels: Positive
-    elbo_mean_nats: float | None
-    log_px_mean_nats: float | None
+    elbo_mean_nats: Finite | None
+    log_px_mean_nats: Finite | None
     batch_size: Positive
     sample_chunk: Positive
-    images_per_second: float
-    paper_nats: float | None
-    reproduction_nats: float | None
+    images_per_second: Finite
+    paper_nats: Finite | None
+    reproduction_nats: Finite | None
 
 
 @contract
@@ -498,26 +393,26 @@ class Untrained(Contract):
 
     n_images: Count
     k: Positive
-    mean_nats: float | None
-    stderr_nats: float | None
-    bits_per_dim: float | None
-    stderr_bits_per_dim: float | None
+    mean_nats: Finite | None
+    stderr_nats: Finite | None
+    bits_per_dim: Finite | None
+    stderr_bits_per_dim: Finite | None
     n_pixels: Positive
-    trained_same_images_nats: float | None
+    trained_same_images_nats: Finite | None
 
 
 @contract
 class PriorSamples(Contract):
     n_images: Count
-    mean_top_probability: float | None
+    mean_top_probability: Finite | None
     label_histogram: list[Count]
 
 
 @contract
 class Reconstruction(Contract):
     n_images: Count
-    accuracy: float | None
-    classifier_accuracy_originals: float | None
+    accuracy: Finite | None
+    classifier_accuracy_originals: Finite | None
 
 
 @contract
@@ -531,7 +426,7 @@ class DamageSquare(Contract):
     top: Count
     left: Count
     size: Count
-    position: str
+    position: Str
 
 
 @contract
@@ -539,18 +434,18 @@ class Damage(Contract):
     """Damage recovery (`vnca.evaluation.damage.summarize` and the settings)."""
 
     n_images: Count
-    before: float | None
-    before_stderr: float | None
-    undamaged_final: float | None
-    undamaged_final_stderr: float | None
-    after_damage: float | None
-    after_damage_stderr: float | None
-    after_recovery: float | None
-    after_recovery_stderr: float | None
-    damage_drop: float | None
-    meaningful: bool
-    recovered_fraction: float | None
-    share_images_lower_after_damage: float | None
+    before: Finite | None
+    before_stderr: Finite | None
+    undamaged_final: Finite | None
+    undamaged_final_stderr: Finite | None
+    after_damage: Finite | None
+    after_damage_stderr: Finite | None
+    after_recovery: Finite | None
+    after_recovery_stderr: Finite | None
+    damage_drop: Finite | None
+    meaningful: Bool
+    recovered_fraction: Finite | None
+    share_images_lower_after_damage: Finite | None
     damage_at: Count
     recovery_steps: Count
     square: DamageSquare
@@ -560,14 +455,14 @@ class Damage(Contract):
 class Probe(Contract):
     """The linear probe on final cell states (`vnca.evaluation.probe`)."""
 
-    accuracy: float | None
-    image_accuracy: float | None
-    chance: float | None
+    accuracy: Finite | None
+    image_accuracy: Finite | None
+    chance: Finite | None
     n_train_images: Count
     n_test_images: Count
     n_train_cells: Count
     n_test_cells: Count
-    final_train_loss: float | None
+    final_train_loss: Finite | None
     steps: Count
 
 
@@ -578,8 +473,8 @@ class Tsne(Contract):
 
     KNN: ClassVar[int] = 10
     n_images: Count
-    knn10_accuracy_latent: float | None
-    knn10_accuracy_tsne: float | None
+    knn10_accuracy_latent: Finite | None
+    knn10_accuracy_tsne: Finite | None
 
 
 @contract
@@ -595,18 +490,19 @@ class EvalMetrics(Artifact):
     (None) does not apply to the variant or was switched off in the eval config."""
 
     STEP: ClassVar[str] = "vnca evaluate"
+    VERSION: ClassVar[int] = 2  # 2: `precision` required
+    UPGRADES: ClassVar[dict] = {1: _float32_unless_stated}
     variant: Variant
-    name: str
-    smoke: bool
+    name: Str
+    smoke: Bool
     tier: Tier
-    model_dir: str
+    model_dir: Str
     n_test_images: Count
-    device: str
+    device: Str
     eval_config: dict
     eval_steps: Count | None
-    # The precision policy of the evaluation's arithmetic (`model.precision`); files written
-    # before the policy existed computed in float32.
-    precision: Precision = "float32"
+    # The precision policy of the evaluation's arithmetic (`model.precision`).
+    precision: Precision
     iwelbo: IwBound
     untrained: Untrained | None = None
     classifier: ClassifierInfo
@@ -617,5 +513,5 @@ class EvalMetrics(Artifact):
     probe: Probe | None = None
     tsne: Tsne | None = None
     interpolation: Interpolation | None = None
-    seconds: dict[str, float]
-    figures: list[str]
+    seconds: dict[str, Finite]
+    figures: list[Str]

@@ -465,10 +465,11 @@ def _write_npz(arrays: dict, path: Path) -> None:
 def _knn_accuracy(points_NxD: np.ndarray, labels_N: np.ndarray, k: int) -> float:
     """Leave-one-out accuracy of a k-nearest-neighbour majority vote (ties: smallest label)."""
     from sklearn.neighbors import NearestNeighbors
-    from threadpoolctl import threadpool_limits
+
+    from vnca.evaluation import threads
 
     k = min(k, len(points_NxD) - 1)
-    with threadpool_limits(1):  # see latent.tsne
+    with threads.limit(1):  # see vnca.evaluation.threads
         nn = NearestNeighbors(n_neighbors=k + 1).fit(points_NxD)
         _, idx = nn.kneighbors(points_NxD)
     neigh = labels_N[idx[:, 1:]]

@@ -11,6 +11,9 @@ Here the pool is a fixed-size array pytree with a `filled` flag per slot, starti
 does (R prefills it with encodings of the untrained encoder, a state O never sees):
 
     take:       slots [0, n_pool) feed rows [B - n_pool, B) where the slot is filled;
+    start:      those rows as the model's `Start` (`VAE.forward`), from train.pool.start_step
+                on, the first n_damage of them damaged, their KL charged or not
+                (train.pool.kl_on_pool_rows);
     write_back: the P - n_pool slots not taken plus the B new final states form N candidates,
                 a uniform random permutation over all N (then filled slots first, stable) picks
                 the P kept, so the pool is shuffled globally: any slot can move anywhere,
@@ -26,14 +29,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vnca.config import Config
+from vnca.config import Config, TrainConfig
+from vnca.models.vae import Start
 
 
-def pool_rows(cfg: Config) -> tuple[int, int]:
-    """(n_pool, n_damage): batch rows fed from the pool, and how many of those are damaged."""
-    p = cfg.train.pool
-    n_pool = round(cfg.train.batch_size * p.batch_share)
-    return n_pool, round(n_pool * p.damage_share)
+def pool_rows(cfg: Config | TrainConfig) -> tuple[int, int]:
+    """(n_pool, n_damage): batch rows fed from the pool, and how many of those are damaged,
+    for a config or its train section."""
+    tc = cfg.train if isinstance(cfg, Config) else cfg
+    n_pool = round(tc.batch_size * tc.pool.batch_share)
+    return n_pool, round(n_pool * tc.pool.damage_share)
 
 
 def init_pool(size: int, image_size: int, channels: int) -> dict:
@@ -59,6 +64,18 @@ def take(pool: dict, batch_size: int, n_pool: int) -> dict:
 
     return {"images": rows(pool["images"]), "states": rows(pool["states"]),
             "use_B": rows(pool["filled"])}
+
+
+def start(pool: dict, tc: TrainConfig, batch_size: int, step: jax.Array | int) -> Start:
+    """The batch rows of training step `step` that start from pool entries (`take`): none
+    before train.pool.start_step, the first n_damage of them damaged (`damage_rows`), their
+    KL not charged unless train.pool.kl_on_pool_rows."""
+    n_pool, n_damage = pool_rows(tc)
+    fed = take(pool, batch_size, n_pool)
+    use_B = fed["use_B"] & (step >= tc.pool.start_step)
+    return Start(fed["images"], fed["states"], use_B,
+                 damage_rows(batch_size, n_pool, n_damage, use_B),
+                 None if tc.pool.kl_on_pool_rows else use_B)
 
 
 def damage_rows(batch_size: int, n_pool: int, n_damage: int, use_B: jax.Array) -> jax.Array:

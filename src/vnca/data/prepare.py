@@ -17,6 +17,7 @@ that was killed (SIGKILL, a lost machine) is removed by the next run on the same
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -137,12 +138,14 @@ def _pairs_figure(path: Path, data: RawData, arrays: dict, n_random: int = 8,
     return {"file": artifacts.MATCHED_PAIRS_PNG, "seed": FIGURE_SEED, "rows": layout}
 
 
-def _summary_line(counts: dict, splits: dict, groups: dict) -> str:
-    changed = " + ".join(str(g["rows_changed_by_assignment"]) for g in groups.values())
-    imp = sum(s["impossible_pixels"]["total"] for s in splits.values())
-    lm = min(s["label_margin_nats"].get("min", float("inf")) for s in splits.values())
-    unresolved = sum(g["unresolved_rows"] for g in groups.values())
-    text = (" / ".join(f"{s} {n}" for s, n in counts.items())
+def _summary_line(report: contracts.MatchReport) -> str:
+    groups, splits = report.groups.values(), report.splits.values()
+    changed = " + ".join(str(g.rows_changed_by_assignment) for g in groups)
+    imp = sum(s.impossible_pixels.total for s in splits)
+    lm = min((s.label_margin_nats.min for s in splits if s.label_margin_nats.min is not None),
+             default=float("inf"))
+    unresolved = sum(g.unresolved_rows for g in groups)
+    text = (" / ".join(f"{s} {n}" for s, n in report.counts.items())
             + f" images labelled; assignment changed {changed} rows"
             + f"; {imp} impossible pixels; min label margin {lm:.2f} nats")
     return text + (f"; {unresolved} rows unresolved" if unresolved else "")
@@ -173,10 +176,9 @@ def remove_stale_stages(out: Path) -> list[Path]:
 def prepare_data(source: str = "bundled", out_dir: str | os.PathLike = "data",
                  raw_dir: str | os.PathLike | None = None, download: bool = False,
                  tfds_dir: str | os.PathLike | None = None, *, k: int = 16, chunk: int = 512,
-                 progress: bool = True) -> dict:
+                 progress: bool = True) -> contracts.MatchReport:
     """Read `source`, match labels, write the dataset artifact into `out_dir`; returns the
-    match report (`contracts.MatchReport` as a dict: match_report.json without its version),
-    with a one-line 'summary'."""
+    match report (match_report.json), whose `summary` is one line."""
     t_start = time.perf_counter()
     out = artifacts.check_out_dir(out_dir)
     data = load_source(source, raw_dir, download, tfds_dir, progress)
@@ -189,7 +191,7 @@ def prepare_data(source: str = "bundled", out_dir: str | os.PathLike = "data",
     t_classifier = time.perf_counter() - t0
     report = {
         "source": source,
-        "summary": _summary_line(counts, sections["splits"], sections["groups"]),
+        "summary": "",  # filled in below, from the checked report
         "counts": counts,
         "provenance": data.provenance,
         "method": {
@@ -226,8 +228,9 @@ def prepare_data(source: str = "bundled", out_dir: str | os.PathLike = "data",
     try:
         report["figure"] = _pairs_figure(stage / artifacts.MATCHED_PAIRS_PNG, data, arrays)
         report["timing_s"]["total"] = round(time.perf_counter() - t_start, 3)
-        contracts.MatchReport.from_dict(report, str(out / artifacts.MATCH_REPORT)).write(
-            stage / artifacts.MATCH_REPORT)
+        checked = contracts.MatchReport.from_dict(report, str(out / artifacts.MATCH_REPORT))
+        checked = dataclasses.replace(checked, summary=_summary_line(checked))
+        checked.write(stage / artifacts.MATCH_REPORT)
         with open(stage / artifacts.DATASET, "wb") as f:
             np.savez_compressed(f, **{k_: v for k_, v in arrays.items()
                                       if not k_.startswith("_")})
@@ -239,4 +242,4 @@ def prepare_data(source: str = "bundled", out_dir: str | os.PathLike = "data",
         raise UserError(f"{out}: cannot write the dataset artifact ({e.strerror or e})") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    return report
+    return checked

@@ -29,10 +29,9 @@ from vnca import losses
 from vnca.evaluation.batching import map_padded
 from vnca.models.vae import VAE
 
-# Samples of one image decoded together. On the project's 2-core CPU the doubling VNCA's K = 128
-# bound took 28-30% less CPU time per image in chunks of 8 or 16 than all at once (the working
-# set stays in cache; bench/bench_iwelbo.py --chunk); it also needs less memory on any device.
-# Wide devices are filled by batches of images: eval.batch_size x SAMPLE_CHUNK decodes per step.
+# Samples of one image decoded together: a working set that stays in cache (faster on the CPU,
+# docs/performance.md) and less memory on any device. Wide devices are filled by batches of
+# images instead: eval.batch_size x SAMPLE_CHUNK decodes per step.
 SAMPLE_CHUNK = 8
 
 

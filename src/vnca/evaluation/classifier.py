@@ -25,6 +25,7 @@ import numpy as np
 
 from vnca.artifacts import read_npz
 from vnca.errors import DataError
+from vnca.evaluation import threads
 from vnca.fileio import atomic_path
 
 HIDDEN_UNITS = 256
@@ -97,7 +98,6 @@ def fit(x_NxHxW: np.ndarray, y_N: np.ndarray, seed: int = 0,
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
-    from threadpoolctl import threadpool_limits
 
     y = np.asarray(y_N)
     if len(y) == 0 or len(np.unique(y)) < 2:
@@ -106,7 +106,7 @@ def fit(x_NxHxW: np.ndarray, y_N: np.ndarray, seed: int = 0,
                         max_iter=MAX_EPOCHS, random_state=seed)
     # The labels may not cover all ten digits (a tiny sample): fit on what there is, then
     # give every missing class a logit that never wins.
-    with warnings.catch_warnings(), threadpool_limits(2):
+    with warnings.catch_warnings(), threads.limit(2):  # 2 BLAS threads by default
         warnings.simplefilter("ignore", ConvergenceWarning)
         mlp.fit(pixels(x_NxHxW), y)
     w2 = np.zeros((HIDDEN_UNITS, N_LABELS), np.float32)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vnca.evaluation import threads
 from vnca.evaluation.batching import map_padded
 from vnca.models.vae import VAE
 
@@ -33,16 +34,14 @@ def tsne(means_NxZ: np.ndarray, seed: int) -> np.ndarray:
     """2-D t-SNE embedding (sklearn, PCA initialisation), `Nx2`; perplexity 30 or less for
     small N (it must stay below N).
 
-    One OpenMP thread: on a machine whose cores other processes also use, sklearn's threaded
-    Barnes-Hut gradient spins and ran 4-600x slower here (5,000 points single-threaded: about
-    a minute on one core)."""
+    One OpenMP thread by default (`threads`): on a machine whose cores other work also uses,
+    the threaded Barnes-Hut gradient spins and runs far slower (docs/performance.md)."""
     from sklearn.manifold import TSNE
-    from threadpoolctl import threadpool_limits
 
     n = len(means_NxZ)
     perplexity = float(min(30.0, max(1.0, (n - 1) / 3.0)))
     emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
-    with threadpool_limits(1):
+    with threads.limit(1):
         return emb.fit_transform(np.asarray(means_NxZ, np.float64)).astype(np.float32)
 
 

@@ -14,8 +14,6 @@ import jax
 
 from vnca.models.layers import conv, dense
 
-CHANNELS = (32, 64, 128, 256, 512)  # the paper's, width 32
-
 
 def channels(width: int) -> tuple[int, ...]:
     """The five convs' output channels for a first-layer width (32: the paper's)."""
@@ -27,7 +25,7 @@ class Encoder(nn.Module):
     image_size: int = 32
     width: int = 32
     algorithm: str = "winograd"  # "xla": XLA's strided convs; otherwise im2col matmuls
-    precision: str = "float32"   # layers.PRECISIONS
+    precision: str = "float32"   # kernels.PRECISIONS
 
     @nn.compact
     def __call__(self, x_BxHxWx1: jax.Array) -> jax.Array:

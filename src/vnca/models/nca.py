@@ -30,18 +30,14 @@ UpdateFn = Callable[[jax.Array], jax.Array]
 
 # What the backward pass keeps of an NCA step instead of recomputing it: the outputs of its
 # unbatched dots (the 1x1 convs on the flattened cells; Winograd's tile products are batched
-# dots and are recomputed with the element-wise work). Same values as recomputing them. On the
-# 2-core AVX2 CPU of 2026-12-03 (batch 32, float32): the non-doubling train step (T = 36) took
-# 6.60 s against 7.69 s recomputing everything, at the same peak memory (2.3 GB); the doubling
-# step 19.6-20.7 s against 18.8-21.6 s, a wash, at 5.2 against 2.4 GB (its 32x32x256 dots are
-# large to keep; 8 doubling steps alone: 13.4-13.5 s against 14.4-14.5 s). Saving every value
-# (model.remat: false) was slower than both.
+# dots and are recomputed with the element-wise work). Same values as recomputing them; faster
+# for the non-doubling step, a wash for the doubling one (docs/performance.md).
 REMAT_POLICY = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
 class ResidualUpdate(nn.Module):
     """Doubling VNCA update: Conv3x3 C->h, 4 x Residual[Conv1x1, ELU, Conv1x1], Conv1x1 h->C.
-    The 1x1 tower runs on the flattened cells (see `layers.pointwise`)."""
+    The 1x1 tower runs on the flattened cells (see `kernels.pointwise`)."""
 
     channels: int
     hidden: int

@@ -6,6 +6,8 @@ T steps, S growth frames.
 `VAE` is a frozen description of the model (hashable, so jit can close over it) with pure
 methods of (params, arrays, key). Parameters are a plain dict {'encoder': ..., 'decoder': ...}.
 The Bernoulli logits are channel 0 of the final NCA state (every MNIST model of O and R).
+`VAE.forward` is the one-sample ELBO of a batch, per example, for training (with or without the
+sample pool's rows, `Start`) and for any caller that wants the terms.
 """
 
 from __future__ import annotations
@@ -31,6 +33,19 @@ class DrawnSteps(NamedTuple):
 
     n: jax.Array
     floor: int
+
+
+class Start(NamedTuple):
+    """Batch rows that start from given grown states instead of a seed: the sample pool's rows
+    (`vnca.pool.start`). Row b takes its image and starting state from here where `use_B[b]`,
+    its state is damaged before growing where `damage_B[b]`, and its KL is not charged where
+    `skip_kl_B[b]` (None: every row's KL is charged)."""
+
+    images_BxHxWx1: jax.Array
+    states_BxHxWxC: jax.Array
+    use_B: jax.Array
+    damage_B: jax.Array
+    skip_kl_B: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,16 +217,45 @@ class VAE:
 
     # -- one-sample ELBO ---------------------------------------------------------------------
     def forward(self, params: dict, x_BxHxWx1: jax.Array, key: jax.Array, beta: float = 1.0,
-                eval_mode: bool = False) -> dict:
-        """Per-example ELBO terms for padded images x (targets are x[..., 0])."""
-        k_z, k_dec = jax.random.split(key)
+                eval_mode: bool = False, start: Start | None = None) -> dict:
+        """Per-example one-sample ELBO terms for padded images x (targets are x[..., 0]):
+        `log_px`, `kl` (the KL charged), `elbo` = log_px - beta kl, each [B], and `logits`,
+        `mean`, `std`, `z`.
+
+        With `start` (the non-doubling model's sample pool) the rows it uses take their image
+        and starting state from it (`Start`); the key then splits four ways, z, damage, T and
+        growth (the pool's order since O), and the result also holds the images scored, `x`,
+        and the final states, `state`. Without it the key splits into z and the decoding key.
+        """
+        if start is None:
+            k_z, k_dec = jax.random.split(key)
+        elif self.variant != "nondoubling":
+            raise ValueError("only the non-doubling model starts rows from given states")
+        else:
+            k_z, k_damage, k_t, k_grow = jax.random.split(key, 4)
+            x_BxHxWx1 = _pick(start.use_B, start.images_BxHxWx1, x_BxHxWx1)
         mean, std = self.encode(params, x_BxHxWx1)
         z = self.sample_z(mean, std, k_z)
-        logits = self.decode(params, z, k_dec, eval_mode=eval_mode)
+        out = {}
+        if start is None:
+            logits = self.decode(params, z, k_dec, eval_mode=eval_mode)
+        else:
+            s = _pick(start.use_B, start.states_BxHxWxC, self.seed(z))
+            s = self.damage(s, k_damage, start.damage_B)
+            s = self.grow(params, s, k_grow, self.sample_n_steps(k_t, eval_mode))
+            logits = self.to_logits(s)
+            out = {"x": x_BxHxWx1, "state": s}
         log_px = losses.bernoulli_loglik(logits, x_BxHxWx1[..., 0])
         kl = losses.gaussian_kl(mean, std)
+        if start is not None and start.skip_kl_B is not None:
+            kl = jnp.where(start.skip_kl_B, 0.0, kl)
         return {"log_px": log_px, "kl": kl, "elbo": losses.elbo(log_px, kl, beta),
-                "logits": logits, "mean": mean, "std": std, "z": z}
+                "logits": logits, "mean": mean, "std": std, "z": z, **out}
+
+
+def _pick(use_B: jax.Array, given_BxHxWxC: jax.Array, own_BxHxWxC: jax.Array) -> jax.Array:
+    """Row b of `given` where use_B[b], else of `own`."""
+    return jnp.where(use_B[:, None, None, None], given_BxHxWxC, own_BxHxWxC)
 
 
 def _upsample(logits_TxBxhxw: jax.Array, n: int) -> jax.Array:

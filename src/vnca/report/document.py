@@ -19,10 +19,10 @@ from pathlib import Path
 import pandas as pd
 
 from vnca import artifacts
+from vnca.config import TIERS, Tier
 from vnca.errors import UserError
 from vnca.report import figures
 from vnca.report.load import (
-    TIERS,
     DataInfo,
     load_data_dir,
     load_eval_dir,
@@ -52,7 +52,8 @@ from vnca.report.tables import (
 NCA_ONLY_FIGURES = ("growth.png", "damage_recovery.png", "damage_curve.png", "probe.png")
 # Figures the evaluation makes for the non-doubling model only (the paper's damage and probe).
 NONDOUBLING_ONLY_FIGURES = ("damage_recovery.png", "damage_curve.png", "probe.png")
-TIER_BANNERS = {
+# Every tier below the paper's; `tier_banners` shows them smallest first.
+TIER_BANNERS: dict[Tier, str] = {
     "smoke": ("SMOKE RUN: {runs}. A smoke run trains a tiny model for seconds to test the "
               "pipeline; its numbers are NOT comparable with the paper's or the "
               "reproduction's."),

@@ -13,13 +13,10 @@ from pathlib import Path
 
 from vnca import artifacts, contracts
 from vnca import config as vconfig
+from vnca.config import TIERS, VARIANTS, Tier, Variant
 from vnca.errors import DataError, UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-VARIANT_ORDER = ("baseline", "doubling", "nondoubling")
-# Run sizes (config `tier`), smallest first; a report labels each run with the smallest tier
-# among its evaluation and training directories.
-TIERS = ("smoke", "demo", "cpu", "paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +28,7 @@ class EvalRun:
     arrays: dict  # name -> np.ndarray (empty when arrays.npz is absent or unreadable)
 
     @property
-    def variant(self) -> str:
+    def variant(self) -> Variant:
         return self.metrics.variant
 
     @property
@@ -39,7 +36,7 @@ class EvalRun:
         return self.metrics.name or self.metrics.variant
 
     @property
-    def tier(self) -> str:
+    def tier(self) -> Tier:
         return self.metrics.tier
 
 
@@ -51,7 +48,7 @@ class TrainRun:
     records: list  # contracts.TrainRecord / ValidRecord from metrics.jsonl, in file order
 
     @property
-    def variant(self) -> str:
+    def variant(self) -> Variant:
         return self.summary.variant
 
     @property
@@ -59,7 +56,7 @@ class TrainRun:
         return self.summary.name or self.summary.variant
 
     @property
-    def tier(self) -> str:
+    def tier(self) -> Tier:
         return smallest_tier(self.summary.tier, self.cfg.tier)
 
 
@@ -101,8 +98,10 @@ def _png_problem(path: Path) -> str | None:
     return None
 
 
-def smallest_tier(*tiers: str | None) -> str | None:
-    known = [t for t in tiers if t in TIERS]
+def smallest_tier(*tiers: Tier | None) -> Tier | None:
+    """The smallest of `tiers` (`config.TIERS` order); a report labels each run with the
+    smallest tier among its evaluation, its training summary and its config."""
+    known = [t for t in tiers if t is not None]
     return min(known, key=TIERS.index) if known else None
 
 
@@ -164,9 +163,8 @@ def run_label(variant: str, name: str) -> str:
     return variant if name in ("", variant) else f"{variant} ({name})"
 
 
-def _variant_rank(variant: str) -> tuple:
-    return (VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER),
-            variant)
+def _variant_rank(variant: Variant) -> int:
+    return VARIANTS.index(variant)
 
 
 def pair_runs(evals: Sequence[EvalRun], trains: Sequence[TrainRun]) -> list:

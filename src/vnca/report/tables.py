@@ -14,13 +14,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vnca import contracts, reference
-from vnca.report.load import smallest_tier
+from vnca import config, contracts, reference
+from vnca.config import Tier
+from vnca.report.load import EvalRun, TrainRun, smallest_tier
 
 MISSING = "—"
 CURVE_METRICS = (("loss", "loss (nats)"), ("kl", "KL (nats)"),
                  ("recon", "reconstruction (nats)"))
-TIER_LABELS = {"smoke": "SMOKE", "demo": "demo", "cpu": "CPU", "paper": "paper"}
+TIER_LABELS: dict[Tier, str] = {"smoke": "SMOKE", "demo": "demo", "cpu": "CPU", "paper": "paper"}
 RECONSTRUCTION_BAR = 0.8  # share of reconstructions the classifier should recognise
 RESULT_COLUMNS = [
     "variant", "ours_nats", "ours_stderr_nats", "bits_per_dim", "paper_nats",
@@ -28,17 +29,8 @@ RESULT_COLUMNS = [
     "untrained_stderr_nats", "trained_same_images_nats", "untrained_n_images",
     "reconstruction_accuracy", "classifier_accuracy_originals", "prior_top_probability",
     "steps", "wall_time_s", "hardware", "n_devices", "k", "n_images", "tier", "smoke",
-    "commit", "train_precision", "eval_precision",
+    "commit", "train_precision", "eval_precision", "departures",
 ]
-
-
-def _attr(obj: Any, *names: str) -> Any:
-    """obj.a.b... for `names`, None as soon as one link is None (an optional section)."""
-    for name in names:
-        if obj is None:
-            return None
-        obj = getattr(obj, name)
-    return obj
 
 
 def _cell(x: Any) -> Any:
@@ -53,46 +45,52 @@ def diff_percent(ours: float | None, ref: float | None) -> float | None:
     return 100.0 * (ours - ref) / abs(ref)
 
 
+def _result_row(label: str, ev: EvalRun | None, tr: TrainRun | None) -> dict:
+    variant = (ev or tr).variant
+    m = ev.metrics if ev else None
+    s = tr.summary if tr else None
+    iw = m.iwelbo if m else None
+    untrained = m.untrained if m else None
+    recon = m.reconstruction if m else None
+    prior = m.prior_samples if m else None
+    ours = iw.mean_nats if iw else None
+    paper = reference.PAPER_NATS.get(variant)
+    repro = reference.REPRODUCTION_NATS.get(variant)
+    tier = smallest_tier(ev.tier if ev else None, tr.tier if tr else None)
+    return {
+        "variant": label,
+        "ours_nats": ours,
+        "ours_stderr_nats": iw.stderr_nats if iw else None,
+        "bits_per_dim": iw.bits_per_dim if iw else None,
+        "paper_nats": paper,
+        "reproduction_nats": repro,
+        "diff_paper_pct": diff_percent(ours, paper),
+        "diff_reproduction_pct": diff_percent(ours, repro),
+        "untrained_nats": untrained.mean_nats if untrained else None,
+        "untrained_stderr_nats": untrained.stderr_nats if untrained else None,
+        "trained_same_images_nats": untrained.trained_same_images_nats if untrained else None,
+        "untrained_n_images": untrained.n_images if untrained else None,
+        "reconstruction_accuracy": recon.accuracy if recon else None,
+        "classifier_accuracy_originals": recon.classifier_accuracy_originals if recon else None,
+        "prior_top_probability": prior.mean_top_probability if prior else None,
+        "steps": s.steps if s else None,
+        "wall_time_s": s.wall_time_s if s else None,
+        "hardware": (s.hardware or None) if s else None,
+        "n_devices": s.n_devices if s else None,
+        "k": iw.k if iw else None,
+        "n_images": iw.n_images if iw else None,
+        "tier": tier,
+        "smoke": tier == "smoke",
+        "commit": s.commit if s else None,
+        "train_precision": tr.cfg.model.precision if tr else None,
+        "departures": config.departures(tr.cfg) if tr else None,
+        "eval_precision": m.precision if m else None,
+    }
+
+
 def results_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
     """One row per run with the raw numbers (None where unknown)."""
-    rows = []
-    for label, ev, tr in pairs:
-        variant = (ev or tr).variant
-        m = _attr(ev, "metrics")
-        s = _attr(tr, "summary")
-        ours = _attr(m, "iwelbo", "mean_nats")
-        paper = reference.PAPER_NATS.get(variant)
-        repro = reference.REPRODUCTION_NATS.get(variant)
-        tier = smallest_tier(_attr(ev, "tier"), _attr(tr, "tier"))
-        rows.append({
-            "variant": label,
-            "ours_nats": ours,
-            "ours_stderr_nats": _attr(m, "iwelbo", "stderr_nats"),
-            "bits_per_dim": _attr(m, "iwelbo", "bits_per_dim"),
-            "paper_nats": paper,
-            "reproduction_nats": repro,
-            "diff_paper_pct": diff_percent(ours, paper),
-            "diff_reproduction_pct": diff_percent(ours, repro),
-            "untrained_nats": _attr(m, "untrained", "mean_nats"),
-            "untrained_stderr_nats": _attr(m, "untrained", "stderr_nats"),
-            "trained_same_images_nats": _attr(m, "untrained", "trained_same_images_nats"),
-            "untrained_n_images": _attr(m, "untrained", "n_images"),
-            "reconstruction_accuracy": _attr(m, "reconstruction", "accuracy"),
-            "classifier_accuracy_originals": _attr(m, "reconstruction",
-                                                   "classifier_accuracy_originals"),
-            "prior_top_probability": _attr(m, "prior_samples", "mean_top_probability"),
-            "steps": _attr(s, "steps"),
-            "wall_time_s": _attr(s, "wall_time_s"),
-            "hardware": _attr(s, "hardware") or None,
-            "n_devices": _attr(s, "n_devices"),
-            "k": _attr(m, "iwelbo", "k"),
-            "n_images": _attr(m, "iwelbo", "n_images"),
-            "tier": tier,
-            "smoke": tier == "smoke",
-            "commit": _attr(s, "commit"),
-            "train_precision": _attr(tr, "cfg", "model", "precision"),
-            "eval_precision": _attr(m, "precision"),
-        })
+    rows = [_result_row(label, ev, tr) for label, ev, tr in pairs]
     return pd.DataFrame(rows, columns=RESULT_COLUMNS).astype(object)
 
 
@@ -194,6 +192,8 @@ def format_run_details(df: pd.DataFrame) -> pd.DataFrame:
             "K (importance samples)": _fmt(r["k"], "d"),
             "test images": _fmt(r["n_images"], ","),
             "commit": short_commit(r["commit"]),
+            "departures from the paper's recipe": (MISSING if r["departures"] is None
+                                                   else "; ".join(r["departures"]) or "none"),
         })
     return pd.DataFrame(out)
 
@@ -202,9 +202,9 @@ def classifier_text(pairs: Sequence[tuple]) -> str | None:
     """One sentence on the digit classifier the evaluations used (None without evaluations)."""
     seen: dict = {}
     for label, ev, _ in pairs:
-        c = _attr(ev, "metrics", "classifier")
-        if c is None:
+        if ev is None:
             continue
+        c = ev.metrics.classifier
         text = (f"{c.kind}, fit on {c.n_train:,} training images, {_pct(c.test_accuracy)} "
                 "accurate on the test images")
         seen.setdefault(text, []).append(label)
@@ -219,7 +219,7 @@ def prior_labels_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
     """Per evaluated run: how many prior samples the digit classifier puts in each class."""
     rows = []
     for label, ev, _ in pairs:
-        prior = _attr(ev, "metrics", "prior_samples")
+        prior = ev.metrics.prior_samples if ev else None
         if prior is None:
             continue
         counts = prior.label_histogram
@@ -247,15 +247,17 @@ def damage_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
     and the recovered share of the damage."""
     rows = []
     for label, ev, _ in pairs:
-        damage = _attr(ev, "metrics", "damage")
+        damage = ev.metrics.damage if ev else None
         if damage is None:
             continue
-        row: dict = {"variant": label}
-        for key, title in (("before", "before damage"), ("after_damage", "just after damage"),
-                           ("after_recovery", "after recovery"),
-                           ("undamaged_final", "undamaged, same step")):
-            row[f"{title} (nats)"] = _mean_se(getattr(damage, key),
-                                              getattr(damage, f"{key}_stderr"))
+        d = damage
+        row: dict = {
+            "variant": label,
+            "before damage (nats)": _mean_se(d.before, d.before_stderr),
+            "just after damage (nats)": _mean_se(d.after_damage, d.after_damage_stderr),
+            "after recovery (nats)": _mean_se(d.after_recovery, d.after_recovery_stderr),
+            "undamaged, same step (nats)": _mean_se(d.undamaged_final, d.undamaged_final_stderr),
+        }
         row["recovered share of the damage"] = recovered_text(damage)
         row["damage at step / recovery steps"] = f"{damage.damage_at} / {damage.recovery_steps}"
         row["images"] = f"{damage.n_images:,}"
@@ -269,7 +271,7 @@ def latent_frame(pairs: Sequence[tuple]) -> pd.DataFrame:
     k = contracts.Tsne.KNN
     rows = []
     for label, ev, _ in pairs:
-        probe, tsne = _attr(ev, "metrics", "probe"), _attr(ev, "metrics", "tsne")
+        probe, tsne = (ev.metrics.probe, ev.metrics.tsne) if ev else (None, None)
         if probe is None and tsne is None:
             continue
         row: dict = {"variant": label}

@@ -1,0 +1,1 @@
+"""The pieces of training behind `vnca.train.train_and_evaluate` (see `vnca.train`)."""
