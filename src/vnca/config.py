@@ -33,7 +33,7 @@ Variant = Literal["baseline", "doubling", "nondoubling"]
 VARIANTS: tuple[Variant, ...] = typing.get_args(Variant)
 Tier = Literal["smoke", "demo", "cpu", "paper"]
 TIERS: tuple[Tier, ...] = typing.get_args(Tier)
-Precision = Literal["float32", "bf16_operands"]  # model.precision (models.layers.PRECISIONS)
+Precision = Literal["float32", "bf16_operands"]  # model.precision (models.kernels.PRECISIONS)
 
 # Ints feed int32 counters and PRNG seeds on the device.
 INT_MAX = 2**31 - 1
@@ -98,9 +98,9 @@ class ModelConfig(Section):
     # F(4x4, 3x3) tiles (4x fewer multiplications; fastest on the CPU); "im2col": one matmul
     # over 9 shifted copies; the encoder's strided and the baseline's transposed convs are
     # im2col matmuls under both. "xla": the backend's own convs for every layer (GPU/TPU; slow
-    # inside a scan on XLA:CPU). Neither O nor R: a speed choice, see models/layers.py.
+    # inside a scan on XLA:CPU). Neither O nor R: a speed choice, see models/kernels.py.
     conv_algorithm: Literal["auto", "winograd", "im2col", "xla"] = "auto"
-    # Precision of every matmul and conv (models/layers.py): "float32" operands at the
+    # Precision of every matmul and conv (models/kernels.py): "float32" operands at the
     # backend's default matmul precision, or "bf16_operands": operands rounded to bfloat16,
     # products accumulated in float32, forward and backward; parameters, optimizer state, NCA
     # state and losses stay float32. A TPU computes the latter for float32 at JAX's default

@@ -21,7 +21,7 @@ class BaselineDecoder(nn.Module):
     output: str = "neg_inf_padding"  # or "model_padding"
     width: int = 32
     algorithm: str = "winograd"  # "xla": XLA's transposed convs; otherwise im2col matmuls
-    precision: str = "float32"   # layers.PRECISIONS
+    precision: str = "float32"   # kernels.PRECISIONS
 
     @nn.compact
     def __call__(self, z_BxZ: jax.Array) -> jax.Array:
